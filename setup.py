@@ -1,0 +1,61 @@
+"""CodeVision-Gym: train vision-language models that think with images by writing code."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+# The environment alone: what an RL user needs to `gym.make("CodeVision-v0")`.
+CORE = [
+    "gymnasium>=1.0,<2",
+    "numpy>=1.26",
+    "pillow>=10.1",
+    "opencv-python-headless>=4.9",  # the cv2 API without GUI libraries
+    "restrictedpython>=8.4",  # 8.4 fixed format-string and positional-only escapes
+    "pyarrow>=15",  # CodeVision-RL parquet tasks
+]
+TRAIN = [
+    # Any torch >= 2.4; CI installs the 2.13.0 CPU build first (see .ci/run).
+    "torch>=2.4",
+    # Qwen3-VL needs 4.57+; the range admits the versions vLLM accepts (vllm 0.32: <5.20).
+    "transformers>=4.57,<6",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "accelerate>=1.0",
+    "peft>=0.14",
+    "hydra-core>=1.3,<1.4",
+    "omegaconf>=2.3",
+    "wandb>=0.18",
+    "math-verify>=0.7",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
+TEST = ["pytest>=8", "pytest-timeout>=2.3"]
+
+CONF_PACKAGES = ["algos.conf"] + [
+    "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
+]
+
+setup(
+    name="codevision-gym",
+    version="0.1.0",
+    description="Gymnasium environment, sandbox and RL trainers for VLMs that think with images by writing code",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cv_env", "cv_env.*", "agents", "agents.*", "algos", "algos.*"])
+    + CONF_PACKAGES,
+    # The top-level conf/ folder is installed as the package `algos.conf`, so a wheel install
+    # finds the Hydra configs too (`algos.config.conf_dir()` looks in both places).
+    package_dir={"algos.conf": "conf"},
+    package_data={name: ["*.yaml"] for name in CONF_PACKAGES},
+    install_requires=CORE,
+    extras_require={
+        "train": TRAIN,
+        "vllm": TRAIN + VLLM,
+        "test": TRAIN + TEST,
+        "all": TRAIN + VLLM + TEST,
+    },
+)
