@@ -32,7 +32,8 @@ TRAIN = [
     "matplotlib>=3.8",
 ]
 VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
-TEST = ["pytest>=8", "pytest-timeout>=2.3"]
+SANDBOX = ["pyseccomp>=0.1.2"]  # the seccomp layer of the sandbox (needs the system libseccomp)
+TEST = ["pytest>=8", "pytest-timeout>=2.3"] + SANDBOX
 
 CONF_PACKAGES = ["algos.conf"] + [
     "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
@@ -50,11 +51,12 @@ setup(
     # The top-level conf/ folder is installed as the package `algos.conf`, so a wheel install
     # finds the Hydra configs too (`algos.config.conf_dir()` looks in both places).
     package_dir={"algos.conf": "conf"},
-    package_data={name: ["*.yaml"] for name in CONF_PACKAGES},
+    package_data={"agents": ["*.jinja"], **{name: ["*.yaml"] for name in CONF_PACKAGES}},
     install_requires=CORE,
     extras_require={
         "train": TRAIN,
         "vllm": TRAIN + VLLM,
+        "sandbox": SANDBOX,
         "test": TRAIN + TEST,
         "all": TRAIN + VLLM + TEST,
     },

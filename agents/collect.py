@@ -1,0 +1,85 @@
+"""Collect oracle demonstrations for SFT, token-exact, as JSONL + PNG images.
+
+    python -m agents.collect --model tiny:qwen2_5_vl --tasks synthetic --split train \\
+        --num-tasks 256 --out runs/demos/oracle.jsonl
+
+The oracle (`agents.scripted.OracleAgent`) plays each task through the real env and the rollout
+engine (`ScriptedBackend`), so every record is a `Trajectory` exactly as a policy rollout would
+produce it: the model's chat template, token ids with image placeholders, loss mask 1 on the
+oracle's turns (what SFT trains on), rewards and components. Read them back with
+`agents.trajectory.read_jsonl`; `Policy.collate` turns them into a training batch. Only episodes
+that earn the task's ideal reward are kept (`--keep-all` to keep every one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_turns: int = 4,
+            max_pixels: int = 1024 * 28 * 28, max_total_tokens: int = 16384, batch: int = 64,
+            workers: int = 2, seed: int = 0, keep_all: bool = False) -> dict:
+    """Write oracle trajectories of the first `num_tasks` tasks of `tasks`/`split` to `out`; return counts."""
+    from agents.generation import ScriptedBackend
+    from agents.loading import load_processor
+    from agents.rollout import RolloutEngine
+    from agents.scripted import ideal_reward
+    from agents.trajectory import write_jsonl
+    from cv_env.reward import RewardConfig
+    from cv_env.sandbox import Sandbox
+    from cv_env.tasks import load_tasks
+
+    source = load_tasks(tasks, split=split, seed=seed)
+    count = min(num_tasks, len(source))
+    if count < 1:
+        raise ValueError(f"the task source {tasks!r} ({split}) is empty: nothing to collect")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: write_jsonl appends, so give a new path (or delete the old file)")
+    backend = ScriptedBackend(load_processor(model))
+    reward = RewardConfig()  # the env's default, which the engine's envs use here
+    kept = skipped = 0
+    start = time.perf_counter()
+    with Sandbox(workers=workers) as sandbox, RolloutEngine(
+        backend, sandbox=sandbox, env_kwargs=dict(max_turns=max_turns, max_pixels=max_pixels),
+        sampling=dict(max_new_tokens=4096), max_total_tokens=max_total_tokens,
+    ) as engine:
+        for first in range(0, count, batch):
+            chunk = [source[i] for i in range(first, min(count, first + batch))]
+            trajectories = engine.rollout(chunk, n=1, seed=seed + first)
+            good = [t for t, task in zip(trajectories, chunk)
+                    if keep_all or abs(t.reward - ideal_reward(task, reward)["total"]) < 1e-6]
+            skipped += len(trajectories) - len(good)
+            kept += len(good)
+            write_jsonl(good, out)
+    return {"kept": kept, "skipped": skipped, "seconds": time.perf_counter() - start, "out": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny:qwen2_5_vl", help="whose chat template/tokenizer to use")
+    parser.add_argument("--tasks", default="synthetic", help="task spec: synthetic, a category, a .parquet path")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num-tasks", type=int, default=256)
+    parser.add_argument("--out", required=True, help="the JSONL file to write (images go beside it)")
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-pixels", type=int, default=1024 * 28 * 28)
+    parser.add_argument("--max-total-tokens", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=64, help="episodes per engine rollout")
+    parser.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-all", action="store_true", help="keep episodes below the ideal reward too")
+    args = parser.parse_args(argv)
+    result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out, args.max_turns, args.max_pixels,
+                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all)
+    print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the ideal reward "
+          f"skipped) in {result['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Scripted agents that speak the same string actions as a model.
+
+`OracleAgent` reads the task's hidden metadata and plays the ideal episode (exactly the required
+inverse ops, the crop at the ground-truth box, the right answer): it is the reference column of
+evaluations and the source of SFT demonstrations. `RandomAgent` plays a random mix of useful,
+useless, broken and malformed turns: the fuzzer of the environment.
+
+Both work without torch: `agents.scripted` imports only `cv_env`.
+
+    episode = play_episode(env, OracleAgent(), options={"task": task})
+    episode["total"] == ideal_reward(task)["total"]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from cv_env.protocol import TOOL_NAME
+from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components
+from cv_env.task import Task
+from cv_env.tasks.oracle import oracle_solution
+
+
+def tool_call_turn(code: str, image_index: int = 0, description: str = "", thought: str = "") -> str:
+    """A well-formed assistant turn that calls `code_image_tool`."""
+    arguments = {"code": code, "description": description, "image_index": image_index}
+    call = json.dumps({"name": TOOL_NAME, "arguments": arguments})
+    return f"<think>{thought or description or 'I will process the image.'}</think>\n<tool_call>\n{call}\n</tool_call>"
+
+
+def answer_turn(answer: str, thought: str = "") -> str:
+    """A well-formed final assistant turn."""
+    return f"<think>{thought or 'I can answer now.'}</think>\n<answer>{answer}</answer>"
+
+
+class OracleAgent:
+    """Plays `cv_env.tasks.oracle.oracle_solution(task)` one turn at a time.
+
+    Usage: `agent.reset(task)` at the start of an episode (the env's `task` property gives it),
+    then `agent.act()` for each turn. It earns `ideal_reward(task)` on every built-in category.
+    """
+
+    def __init__(self) -> None:
+        self._turns: list[str] = []
+
+    def reset(self, task: Task) -> None:
+        self._turns = []
+        for step in oracle_solution(task):
+            if "answer" in step:
+                self._turns.append(answer_turn(step["answer"], step.get("thought", "")))
+            else:
+                self._turns.append(tool_call_turn(step["code"], step.get("image_index", 0),
+                                                  step.get("description", ""), step.get("thought", "")))
+
+    def act(self, observation: dict | None = None) -> str:
+        if not self._turns:
+            raise RuntimeError("the oracle has no turn left: call reset(task) at the start of each episode")
+        return self._turns.pop(0)
+
+
+# Snippets a careless or adversarial policy might write; RandomAgent draws from them.
+_RANDOM_CODE = (
+    "result = image.rotate(90, expand=True)",
+    "result = image.rotate(180, expand=True)",
+    "result = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)",
+    "w, h = image.size\nresult = image.crop((0, 0, w // 2, h // 2))",
+    "result = ImageEnhance.Contrast(image).enhance(1.8)",
+    "result = np.rot90(np.asarray(image), k=3)",
+    "result = cv2.GaussianBlur(np.asarray(image), (5, 5), 0)",
+    "print(image.size)\nresult = image",
+    "result = image.crop((10, 10, 5, 5))",  # an empty box
+    "result = undefined_name",
+    "import os\nresult = image",
+    "result = image.rotate(",
+    "result = ().__class__.__subclasses__()",
+    "result = 'not an image'",
+)
+_RANDOM_TEXT = ("A", "B", "7", "yes", "STOP", "3.5", "")
+
+
+class RandomAgent:
+    """Random turns: tool calls (good, useless, failing, hostile), malformed calls and answers."""
+
+    def __init__(self, seed: int = 0, answer_prob: float = 0.2, malformed_prob: float = 0.15):
+        self.rng = np.random.default_rng(seed)
+        self.answer_prob = answer_prob
+        self.malformed_prob = malformed_prob
+        self._num_images = 1
+
+    def reset(self, task: Task | None = None) -> None:
+        self._num_images = len(task.images) if task is not None else 1
+
+    def act(self, observation: dict | None = None) -> str:
+        if observation is not None and observation.get("role") == "tool" and observation.get("images"):
+            self._num_images += 1
+        u = self.rng.random()
+        if u < self.answer_prob:
+            return answer_turn(str(self.rng.choice(_RANDOM_TEXT)))
+        if u < self.answer_prob + self.malformed_prob:
+            return str(self.rng.choice([
+                '<tool_call>{"name": "code_image_tool", "arguments": {"code": </tool_call>',
+                '<tool_call>{"name": "other_tool", "arguments": {}}</tool_call>',
+                "<think>unfinished thought",
+                "```python\nresult = image\n```",
+            ]))
+        code = str(self.rng.choice(_RANDOM_CODE))
+        index = int(self.rng.integers(0, self._num_images + 1))  # sometimes out of range
+        return tool_call_turn(code, index)
+
+
+def ideal_reward(task: Task, reward: RewardConfig | None = None) -> dict[str, float]:
+    """The reward components of the ideal episode of `task`: the most an agent earns without gaming.
+
+    Ideal: one successful execution doing exactly the required inverse ops E (the crop exactly at
+    the bbox) plus, for a corrupted image, the enhancement it needs (a non-core op: `emerge`), then
+    the correct answer, every turn well formatted. A task that needs nothing is answered directly.
+    (On a clean task an agent could add 0.2 more by a gratuitous enhancement: that is reward
+    gaming, not the maximum a task offers.)
+    """
+    cfg = reward or RewardConfig()
+    required = task.required_ops
+    used = set(required) | ({"enhance"} if task.extra.get("corruption") else set())
+    calls = 1 if used else 0
+    turns = [tool_call_turn("result = image")] * calls + [answer_turn(task.answer)]
+    outcome = EpisodeOutcome(
+        assistant_turns=turns, correct=True, required_ops=required, used_ops=used,
+        crop_boxes=[list(task.bbox)] if task.bbox is not None and "crop" in required else [],
+        bbox=task.bbox, n_calls=calls, n_failed=0,
+    )
+    return episode_components(outcome, cfg)
+
+
+def play_episode(env, agent, options: dict | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Play one episode of `env` (a CodeVision env, wrapped or not) with a scripted agent.
+
+    Returns `actions`, per-step `rewards`, their `total`, the final `info` (with
+    `reward_components`), the `task` and the env's `messages` (the conversation, images included).
+    """
+    obs, info = env.reset(seed=seed, options=options)
+    task = env.unwrapped.task
+    agent.reset(task)
+    actions, rewards = [], []
+    done = False
+    while not done:
+        action = agent.act(obs)
+        obs, reward, terminated, truncated, info = env.step(action)
+        actions.append(action)
+        rewards.append(float(reward))
+        done = terminated or truncated
+    return {"task": task, "actions": actions, "rewards": rewards, "total": float(sum(rewards)), "info": info,
+            "messages": list(env.unwrapped.messages)}

@@ -1,0 +1,488 @@
+"""Typed configuration of the trainers: Hydra structured configs, composed from `conf/`.
+
+The dataclasses below are the schema; `conf/grpo.yaml` and its groups (`model/`, `env/`,
+`reward/`, `logger/`, `exp/`) carry the values, each key with a one-line comment: read those
+files for what each field does, its default and the paper it comes from. Composition runs
+in Hydra's struct mode against the schema, so a misspelt key (`algo.lrr=1`) or a value of the
+wrong type (`algo.lr=fast`) is an error that names the key, never a silently ignored setting.
+Value checks that types cannot express (ranges, choices, batch divisibility) run when the
+composed config becomes a `GRPOConfig` (`__post_init__`).
+
+Two ways in:
+
+    cfg = load_config(["+exp=tiny", "algo.lr=1e-5"])          # tests, notebooks, scripts
+
+    @hydra_main("grpo")                                         # entry points:
+    def main(cfg: GRPOConfig) -> None: ...                      #   python -m algos.grpo +exp=tiny
+
+Batch sizes follow verl's convention, which the CodeVision release uses: `rollout.prompts_per_step`
+and `algo.mini_batch_size` count prompts (groups of `rollout.n` trajectories), while
+`algo.micro_batch_size` counts trajectories per forward/backward pass (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from algos.losses import AGG_MODES, KL_KINDS
+from cv_env.reward import RewardConfig
+
+__all__ = [
+    "LoraConfig",
+    "ModelConfig",
+    "SandboxConfig",
+    "EnvConfig",
+    "RolloutConfig",
+    "KLConfig",
+    "AlgoConfig",
+    "TrainerConfig",
+    "LoggerConfig",
+    "GRPOConfig",
+    "ADVANTAGE_ESTIMATORS",
+    "ROLLOUT_BACKENDS",
+    "SCHEDULERS",
+    "DTYPES",
+    "WANDB_MODES",
+    "conf_dir",
+    "load_config",
+    "to_config",
+    "config_to_dict",
+    "hydra_main",
+    "register_configs",
+]
+
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+ROLLOUT_BACKENDS = ("hf", "vllm")
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+SCHEMA_NAME = "grpo_schema"
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021); when enabled only the adapters train and are checkpointed."""
+
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The policy: what to load (`agents.loading.load_model` spec) and how to train it."""
+
+    path: str = "Qwen/Qwen3-VL-8B-Instruct"
+    dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SandboxConfig:
+    """Resources of the code sandbox that runs the policy's tool calls."""
+
+    workers: int = 0
+    timeout_s: float = 10.0
+    memory_mb: int = 2048
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Arguments of `cv_env`'s sandbox, with `workers=0` resolved to one per CPU core."""
+        workers = self.workers or max(1, os.cpu_count() or 1)
+        return {"workers": workers, "timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
+
+
+@dataclass
+class EnvConfig:
+    """The CodeVision environment: which tasks, how long an episode may run, image budget."""
+
+    tasks: Optional[str] = "synthetic"
+    split: str = "train"
+    max_turns: int = 12
+    max_pixels: int = 1024 * 28 * 28
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    val_tasks: Optional[str] = None
+    val_split: str = "validation"
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of trajectories: engine, group size, decoding and length budgets."""
+
+    backend: str = "hf"
+    n: int = 8
+    prompts_per_step: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    max_total_tokens: int = 16384
+    val_temperature: float = 0.0
+    gpu_memory_utilization: float = 0.6
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class KLConfig:
+    """KL regularisation toward the frozen reference policy."""
+
+    in_loss: bool = True
+    coef: float = 0.001
+    kind: str = "k3"
+
+
+@dataclass
+class AlgoConfig:
+    """The GRPO update: advantages, clipped surrogate, KL, optimisation."""
+
+    advantage_estimator: str = "grpo"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: Optional[float] = 10.0
+    kl: KLConfig = field(default_factory=KLConfig)
+    loss_agg: str = "token-mean"
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+    mini_batch_size: int = 32
+    micro_batch_size: int = 8
+    grad_clip: float = 1.0
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "constant"
+    mask_truncated: bool = True
+    dynamic_sampling: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, validation, checkpoints and resume."""
+
+    total_steps: int = 200
+    val_every: int = 10
+    val_size: int = 256
+    val_before_train: bool = True
+    save_every: int = 10
+    keep_last: int = 3
+    output_dir: str = "outputs/grpo"
+    seed: int = 0
+    resume: str = "auto"
+    sample_table_every: int = 10
+    sample_table_rows: int = 8
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: W&B (`mode`), a local metrics.jsonl, a console progress bar."""
+
+    project: str = "codevision-gym"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"
+    metrics_jsonl: Optional[str] = "metrics.jsonl"
+    progress_bar: bool = True
+
+
+def _default_reward() -> dict[str, Any]:
+    # Every key present from the start: in struct mode a misspelt reward key is then an error
+    # at composition, like any other key.
+    return RewardConfig().to_dict()
+
+
+@dataclass
+class GRPOConfig:
+    """Everything `python -m algos.grpo` reads. Validated on construction (see module doc)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Plain values of a `conf/reward/` preset; `cv_env.reward.RewardConfig.from_dict` types them.
+    reward: dict[str, Any] = field(default_factory=_default_reward)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def reward_config(self) -> RewardConfig:
+        """The reward weights as the environment's typed `RewardConfig`."""
+        return RewardConfig.from_dict(dict(self.reward))
+
+    def env_kwargs(self, validation: bool = False) -> dict[str, Any]:
+        """Keyword arguments of `gym.make("CodeVision-v0", ...)` for training or validation.
+
+        Validation reads `env.val_tasks` (or `env.tasks` when null) on `env.val_split`.
+        """
+        e = self.env
+        tasks, split = (e.val_tasks or e.tasks, e.val_split) if validation else (e.tasks, e.split)
+        return {
+            "tasks": tasks,
+            "split": split,
+            "max_turns": e.max_turns,
+            "max_pixels": e.max_pixels,
+            "reward": self.reward_config(),
+            "sandbox": e.sandbox.to_kwargs(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks (types are already enforced by OmegaConf; these are ranges and relations)
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config {key}: {message}")
+
+
+def _choice(value: str, choices: Sequence[str], key: str) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _validate(cfg: GRPOConfig) -> None:
+    m, e, r, a, t, lg = cfg.model, cfg.env, cfg.rollout, cfg.algo, cfg.trainer, cfg.logger
+    _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    if m.lora.enabled:
+        _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
+        _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+        _require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
+        _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
+
+    _require(
+        e.tasks is not None and bool(e.tasks.strip()),
+        "env.tasks",
+        "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet",
+    )
+    _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    _require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
+    _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
+    _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
+    _require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
+
+    _choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    _require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
+    _require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
+    _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
+    _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _require(
+        r.max_total_tokens >= r.max_new_tokens,
+        "rollout.max_total_tokens",
+        f"{r.max_total_tokens} must be >= rollout.max_new_tokens ({r.max_new_tokens})",
+    )
+    _require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
+    _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+
+    _choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
+    _require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
+    _require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
+    _require(
+        a.clip_ratio_c is None or a.clip_ratio_c > 1.0,
+        "algo.clip_ratio_c",
+        f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}",
+    )
+    _choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
+    _require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
+    _choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
+    _require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    _require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    _require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
+    _require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
+    _require(
+        r.prompts_per_step % a.mini_batch_size == 0,
+        "algo.mini_batch_size",
+        f"{a.mini_batch_size} prompts must divide rollout.prompts_per_step ({r.prompts_per_step})",
+    )
+    trajectories_per_mini_batch = a.mini_batch_size * r.n
+    _require(
+        trajectories_per_mini_batch % a.micro_batch_size == 0,
+        "algo.micro_batch_size",
+        f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
+        f"{trajectories_per_mini_batch} trajectories",
+    )
+    _require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
+    _require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
+    _require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
+    _require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
+    _require(
+        len(a.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in a.adam_betas),
+        "algo.adam_betas",
+        f"must be two numbers in [0, 1), got {list(a.adam_betas)}",
+    )
+    _choice(a.scheduler, SCHEDULERS, "algo.scheduler")
+
+    _require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
+    for key in ("val_every", "save_every", "sample_table_every"):
+        value = getattr(t, key)
+        _require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
+    _require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
+    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
+    _require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
+    _require(
+        t.resume in ("auto", "never") or bool(t.resume.strip()),
+        "trainer.resume",
+        "must be 'auto', 'never' or a checkpoint path",
+    )
+
+    _choice(lg.mode, WANDB_MODES, "logger.mode")
+
+    try:
+        RewardConfig.from_dict(dict(cfg.reward))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config reward: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Hydra plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore as `grpo_schema` (idempotent).
+
+    `conf/grpo.yaml` lists it first in its defaults, so every later value merges into the typed
+    schema and is checked against it.
+    """
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=GRPOConfig)
+
+
+register_configs()
+
+
+def conf_dir() -> Path:
+    """The folder holding `grpo.yaml` and the config groups.
+
+    A wheel installs `conf/` as the package `algos.conf` (see setup.py), next to this file; a
+    source or editable checkout keeps it at the repository root.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "grpo.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no Hydra config folder found: looked for grpo.yaml in {here / 'conf'} (wheel install) and "
+        f"{here.parent / 'conf'} (source checkout); reinstall the package or restore conf/"
+    )
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    # Struct mode stops `algo.lrr=1`, but Hydra's `+algo.lrr=1` ("append") opens the node, and
+    # OmegaConf.to_object would then silently drop the key: refuse it here instead.
+    schema = OmegaConf.get_type(node)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        full_key = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(
+                f"config {full_key}: unknown key; {schema.__name__} has {', '.join(sorted(known))} "
+                "(check the spelling, or add the field to the schema in algos/config.py)"
+            )
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, f"{full_key}.")
+
+
+def to_config(cfg: DictConfig) -> Any:
+    """Turn a composed `DictConfig` into its schema's dataclass (runs the value checks).
+
+    Raises:
+        ValueError: a key the schema does not know (even one added with Hydra's `+key=`), or a
+            value out of range.
+    """
+    _reject_unknown_keys(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "grpo") -> GRPOConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides; return the dataclass.
+
+    Args:
+        overrides: Hydra overrides, as on the command line: `["+exp=tiny", "algo.lr=1e-5"]`.
+        config_name: the primary config (`grpo`).
+
+    Raises:
+        hydra.errors.ConfigCompositionException: unknown keys, wrong types or missing groups
+            (the message names the key).
+        ValueError: a value out of range (`config algo.clip_ratio_low: must lie in [0, 1), ...`).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of strings like ['+exp=tiny'], got the string {overrides!r}")
+    if GlobalHydra.instance().is_initialized():
+        raise RuntimeError(
+            "load_config cannot run inside a Hydra app (Hydra is already initialised); "
+            "use the config your @hydra_main function received"
+        )
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=config_name):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    return to_config(cfg)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (for W&B's run config and checkpoint metadata)."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    raise TypeError(f"expected a config dataclass or DictConfig, got {type(cfg).__name__}")
+
+
+def hydra_main(config_name: str = "grpo") -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """Decorator for an entry point that takes the typed config.
+
+        @hydra_main("grpo")
+        def main(cfg: GRPOConfig) -> None: ...
+
+        if __name__ == "__main__":
+            main()                      # python -m algos.grpo +exp=tiny algo.lr=1e-5
+
+    Hydra parses the command line (`--help`, `--cfg job`, overrides), composes
+    `conf/<config_name>.yaml` in struct mode, writes the composed config under
+    `<trainer.output_dir>/.hydra/`, and the function receives the validated dataclass.
+    """
+
+    def decorator(task: Callable[[Any], Any]) -> Callable[[], Any]:
+        import hydra
+
+        @functools.wraps(task)
+        def entry() -> Any:
+            @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+            def _composed(cfg: DictConfig) -> Any:
+                return task(to_config(cfg))
+
+            return _composed()
+
+        return entry
+
+    return decorator

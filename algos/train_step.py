@@ -1,0 +1,334 @@
+"""The pieces of a policy-gradient trainer that GRPO and PPO share, free of either algorithm.
+
+    sampler = PromptSampler(len(tasks), seed=0)             # data position; checkpointed
+    indices = sampler.draw(64)                               # the next 64 prompts, epoch by epoch
+    optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
+    scheduler = build_scheduler(optimizer, cfg.algo, total_updates)
+    stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=1.0, agg="token-mean")
+    metrics = rollout_metrics([episode_summary(t) for t in trajectories])
+
+`update_step` is one optimizer step over a mini-batch split into micro-batches (gradient
+accumulation). Each micro-batch's loss is normalised by its own tokens (see
+`algos.losses.aggregate`); `update_step` scales it by its share of the mini-batch's tokens (or
+sequences, for the seq-mean modes), summed over all data-parallel ranks, so the gradient is the
+exact aggregate over the whole mini-batch whatever the micro-batch size or number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from algos.distributed import get_world_size, is_distributed
+
+__all__ = [
+    "PromptSampler",
+    "build_optimizer",
+    "build_scheduler",
+    "loss_weight",
+    "all_reduce_gradients",
+    "update_step",
+    "episode_summary",
+    "rollout_metrics",
+    "validation_metrics",
+    "mean_metrics",
+    "gather_lists",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Data position
+# --------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Draws prompt indices from a task source of `num_tasks` items: a fresh seeded permutation
+    per epoch, consumed in order, so every task is seen once per epoch and a resumed run
+    continues from the exact next prompt (`state_dict` / `load_state_dict`, JSON-ready).
+    """
+
+    def __init__(self, num_tasks: int, seed: int = 0):
+        if num_tasks < 1:
+            raise ValueError(f"the training task source is empty (0 tasks): check env.tasks and env.split")
+        self.num_tasks = int(num_tasks)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_tasks)
+
+    def draw(self, count: int) -> list[int]:
+        """The next `count` task indices (crossing into the next epoch's order when needed)."""
+        if count < 1:
+            raise ValueError(f"draw needs count >= 1, got {count}")
+        out: list[int] = []
+        while len(out) < count:
+            order = self._order(self.epoch)
+            take = min(count - len(out), self.num_tasks - self.position)
+            out.extend(int(i) for i in order[self.position:self.position + take])
+            self.position += take
+            if self.position == self.num_tasks:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_tasks": self.num_tasks, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["num_tasks"]) != self.num_tasks or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"the checkpoint's prompt order was over {state['num_tasks']} tasks with seed {state['seed']}, but this "
+                f"run has {self.num_tasks} tasks with seed {self.seed}: resume with the same env.tasks, env.split and "
+                "trainer.seed, or start a new run (trainer.resume=never or another trainer.output_dir)"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+# --------------------------------------------------------------------------------------------
+
+
+def build_optimizer(named_parameters: Iterable[tuple[str, Tensor]], algo: Any) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norm scales (1-D).
+
+    algo: an `AlgoConfig` (lr, weight_decay, adam_betas).
+    """
+    decay, no_decay = [], []
+    for _, param in named_parameters:
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the policy has no trainable parameters: check model.lora and model.freeze_vision")
+    groups = [{"params": decay, "weight_decay": algo.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=algo.lr, betas=tuple(algo.adam_betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, algo: Any, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `algo.warmup_steps` optimizer steps, then constant, linear or cosine
+    decay to 0 at `total_updates` (the number of optimizer steps of the whole run)."""
+    warmup, kind = int(algo.warmup_steps), algo.scheduler
+    horizon = max(1, int(total_updates) - warmup)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        progress = min(1.0, (update - warmup) / horizon)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"algo.scheduler {kind!r} is not one of constant, linear, cosine")
+
+    factor(warmup)  # an unknown kind fails here, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step with gradient accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def loss_weight(mask_BT: Tensor, agg: str) -> float:
+    """What a micro-batch's aggregated loss averages over: its loss tokens for "token-mean",
+    its sequences with at least one loss token for the seq-mean modes."""
+    mask_BT = mask_BT > 0
+    if agg == "token-mean":
+        return float(mask_BT.sum())
+    return float(mask_BT.any(dim=1).sum())
+
+
+def _global_sum(value: float) -> float:
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def all_reduce_gradients(params: Sequence[Tensor]) -> None:
+    """Average gradients over data-parallel ranks (a parameter without a gradient counts as 0).
+
+    For models that are not wrapped in DDP/FSDP (whose hooks already reduce): every rank must
+    call it with the same parameters in the same order. No-op in one process.
+    """
+    if not is_distributed():
+        return
+    world = get_world_size()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
+
+
+def update_step(
+    micro_batches: Sequence[Mapping[str, Any]],
+    loss_fn: Callable[[Mapping[str, Any]], tuple[Tensor, Mapping[str, Tensor]]],
+    params: Sequence[Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    grad_clip: float,
+    agg: str,
+    sync_gradients: bool = True,
+) -> dict[str, float] | None:
+    """One optimizer step over a mini-batch given as micro-batches; call on every rank together.
+
+    Args:
+        micro_batches: collated micro-batches; each has a "loss_mask" [B, T] (1 at tokens in the
+            loss). A rank may pass none (its share of the mini-batch was filtered out): it then
+            contributes a zero gradient.
+        loss_fn: micro-batch -> (loss aggregated over that micro-batch with `agg`, metrics as
+            0-dim tensors).
+        params: the trainable parameters (gradient clipping and, with `sync_gradients`, averaging).
+        grad_clip: max global gradient norm.
+        agg: the loss aggregation mode `loss_fn` uses (decides the accumulation weights).
+        sync_gradients: average gradients over ranks here (models not wrapped in DDP/FSDP).
+
+    Returns:
+        Metrics averaged over the mini-batch with the same weights as the loss, plus
+        "grad_norm" (before clipping) and "lr" (of this step); None when no rank had any loss
+        token (no optimizer step is taken).
+    """
+    weights = [loss_weight(micro["loss_mask"], agg) for micro in micro_batches]
+    local_total = sum(weights)
+    # The ranks' gradients are averaged, so a rank's micro-batch weighs world * w / global total.
+    global_total = _global_sum(local_total)
+    if global_total == 0:
+        return None
+    world = get_world_size()
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = defaultdict(float)
+    for micro, weight in zip(micro_batches, weights):
+        if weight == 0:
+            continue
+        loss, metrics = loss_fn(micro)
+        scale = weight * world / global_total
+        (loss * scale).backward()
+        for name, value in metrics.items():
+            sums[name] += float(value) * weight
+    if sync_gradients:
+        all_reduce_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    # A non-finite gradient skips the step (it would destroy the weights); the caller sees it in grad_norm.
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {name: value / local_total for name, value in sums.items()} if local_total else {}
+    out.update(grad_norm=float(grad_norm), lr=float(lr))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def gather_lists(items: Sequence[Any]) -> list[Any]:
+    """Concatenate every rank's list of picklable items, in rank order (on every rank).
+
+    For per-episode summaries, whose metric names (categories, ops) differ between ranks and so
+    cannot be averaged key by key. Returns the list unchanged in one process.
+    """
+    if not is_distributed():
+        return list(items)
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for rank_items in gathered for item in rank_items]
+
+
+def mean_metrics(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Average each key over the records that have it."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for record in records:
+        for name, value in record.items():
+            sums[name] += float(value)
+            counts[name] += 1
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, Any]:
+    """The plain, picklable figures of one `agents.rollout.Trajectory` that the metrics read
+    (small enough to gather from every data-parallel rank).
+
+    reward: the reward the update used (e.g. with group terms added); default the trajectory's.
+    """
+    summary = {
+        "category": trajectory.category,
+        "reward": float(trajectory.reward if reward is None else reward),
+        "components": {k: float(v) for k, v in trajectory.reward_components.items() if k != "total"},
+        "success": bool(trajectory.success),
+        "num_tool_calls": int(trajectory.num_tool_calls),
+        "num_turns": int(trajectory.num_turns),
+        "response_length": int(trajectory.num_sampled_tokens),
+        "truncated": bool(trajectory.truncated),
+    }
+    # Reported by trajectories that carry them (agents.rollout may not, in older versions).
+    if hasattr(trajectory, "num_failed_calls"):
+        summary["num_failed_calls"] = int(trajectory.num_failed_calls)
+    if hasattr(trajectory, "used_ops"):
+        summary["used_ops"] = sorted(set(trajectory.used_ops))
+    return summary
+
+
+def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
+    reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
+    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success."""
+    if not summaries:
+        return {}
+    n = len(summaries)
+    out = {"reward/total": sum(s["reward"] for s in summaries) / n}
+    components: dict[str, float] = defaultdict(float)
+    for s in summaries:
+        for name, value in s["components"].items():
+            components[name] += value
+    out.update({f"reward/{name}": total / n for name, total in components.items()})
+    calls = sum(s["num_tool_calls"] for s in summaries)
+    out["tool/calls_per_episode"] = calls / n
+    if all("num_failed_calls" in s for s in summaries):
+        failed = sum(s["num_failed_calls"] for s in summaries)
+        out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
+    if all("used_ops" in s for s in summaries):
+        op_counts: dict[str, int] = defaultdict(int)
+        for s in summaries:
+            for op in s["used_ops"]:
+                op_counts[op] += 1
+        out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
+    out["episode/turns"] = sum(s["num_turns"] for s in summaries) / n
+    out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
+    out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
+    out["episode/success"] = sum(s["success"] for s in summaries) / n
+    return out
+
+
+def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
+    val/reward/total and val/tool/calls_per_episode, from greedy `episode_summary`s."""
+    if not summaries:
+        return {}
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for s in summaries:
+        by_category[s["category"]].append(s["success"])
+    n = len(summaries)
+    out = {
+        "val/acc": sum(s["success"] for s in summaries) / n,
+        "val/reward/total": sum(s["reward"] for s in summaries) / n,
+        "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
+    }
+    out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
+    return out

@@ -1,0 +1,386 @@
+"""`CodeVisionEnv`: one episode is a task; one step is one model turn.
+
+    import gymnasium as gym, cv_env
+    env = gym.make("CodeVision-v0", tasks="synthetic", max_turns=12)
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(model_turn)
+
+See DESIGN.md ("The environment contract") for the whole contract. In short: an action is the
+model's turn (a string, or a dict from a programmatic agent); a tool call runs in the sandbox
+and its output image becomes a new image of the episode; `<answer>` ends the episode.
+Each step pays its immediate process reward (a failed call is penalised when it happens); the
+final step pays the rest, so an episode's rewards sum to its shaped total, and
+`info["reward_components"]` names every term at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from PIL import Image
+
+from cv_env.answers import check_answer, extract_answer
+from cv_env.frames import Frame
+from cv_env.protocol import SYSTEM_PROMPT, TOOL_NAME, TOOL_SCHEMA, Turn, parse_action, render_tool_call
+from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
+from cv_env.sandbox import Sandbox
+from cv_env.spaces import observation_space, sanitize_text, text_space
+from cv_env.task import Task
+from cv_env.tasks import TaskSource, load_tasks
+
+MAX_STDOUT_CHARS = 2000  # printed output shown to the model per call
+
+
+@dataclass
+class _EpisodeImage:
+    """An image of the episode: full resolution, and where its pixels come from."""
+
+    image: Image.Image
+    root: int | None  # the input image its pixels map to (None: not traceable)
+    frame: Frame | None  # this image's pixels -> the root input's pixels
+
+
+@dataclass
+class _Episode:
+    task: Task
+    images: list[_EpisodeImage]
+    assistant_turns: list[str] = field(default_factory=list)
+    used_ops: set[str] = field(default_factory=set)
+    crop_boxes: list[list[float]] = field(default_factory=list)  # in the bbox's frame (image 0)
+    n_calls: int = 0
+    n_failed: int = 0
+    paid: float = 0.0  # rewards already paid by earlier steps
+    done: bool = False
+
+
+def _shown_copy(image: Image.Image, max_pixels: int) -> Image.Image:
+    """The copy the model sees: RGB, downscaled (aspect kept) to at most `max_pixels`."""
+    rgb = image.convert("RGB")
+    w, h = rgb.size
+    if w * h <= max_pixels:
+        return rgb
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    while size[0] * size[1] > max_pixels:  # rounding guard
+        size = (max(1, size[0] - 1), max(1, size[1] - 1))
+    return rgb.resize(size, Image.Resampling.BICUBIC)
+
+
+class CodeVisionEnv(gym.Env):
+    """Answer a question about image(s), optionally by running image-processing code.
+
+    Args:
+        tasks: "synthetic" (the built-in suite), a category name, a parquet path, a
+            `TaskSource`, or a list of `Task`.
+        split: which split of a generated suite ("train", "validation", "test").
+        max_turns: assistant turns before the episode is truncated.
+        reward: a `RewardConfig`, a preset name ("codevision", "codevision_release"), or a dict
+            of weights (unknown keys are an error).
+        sandbox: a config dict for a private `Sandbox` (`workers`, `timeout_s`, `memory_mb`),
+            or a shared `Sandbox` instance (many envs, one worker pool; not closed by the env).
+        max_pixels: the largest image the model is shown; larger ones are downscaled copies
+            (code always runs on full resolution and the observation states the true size).
+        max_images_per_observation: bound of the observation space's image list.
+        max_text_chars: bound of the observation's text.
+        system_prompt: the system message (default: `cv_env.protocol.SYSTEM_PROMPT`).
+        judge: optional `cv_env.judge` config dict: an LLM judge for answers the rules reject.
+        render_mode: None or "ansi" (the conversation as text).
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        tasks: str | TaskSource | list[Task] = "synthetic",
+        split: str = "train",
+        max_turns: int = 12,
+        reward: RewardConfig | str | dict | None = None,
+        sandbox: Sandbox | dict | None = None,
+        max_pixels: int = 1024 * 28 * 28,
+        max_images_per_observation: int = 8,
+        max_text_chars: int = 8192,
+        max_action_chars: int = 65536,
+        system_prompt: str = SYSTEM_PROMPT,
+        judge: dict | None = None,
+        render_mode: str | None = None,
+    ):
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.tasks = load_tasks(tasks, split=split)
+        if len(self.tasks) == 0:
+            raise ValueError("the task source is empty: give the environment at least one task")
+        self.max_turns = int(max_turns)
+        self.reward_config = _reward_config(reward)
+        if isinstance(sandbox, Sandbox):
+            self.sandbox, self._owns_sandbox = sandbox, False
+        else:
+            self.sandbox, self._owns_sandbox = Sandbox(**(sandbox or {})), True
+        self.max_pixels = int(max_pixels)
+        self.max_text_chars = int(max_text_chars)
+        self.system_prompt = system_prompt
+        self.judge = None
+        if judge:
+            from cv_env.judge import LLMJudge  # only when configured
+
+            self.judge = LLMJudge.from_config(judge)
+        self.render_mode = render_mode
+        self.observation_space = observation_space(max_images_per_observation, self.max_pixels, self.max_text_chars)
+        self.action_space = text_space(max_action_chars)
+        self.messages: list[dict[str, Any]] = []
+        self._episode: _Episode | None = None
+
+    # -- public views ---------------------------------------------------------------------------
+
+    @property
+    def tool_schema(self) -> dict[str, Any]:
+        """The OpenAI-style function schema of `code_image_tool`, for chat templates."""
+        return TOOL_SCHEMA
+
+    @property
+    def task(self) -> Task:
+        """The current episode's task (includes the hidden answer: for trainers, not agents)."""
+        if self._episode is None:
+            raise RuntimeError("no episode yet: call reset() first")
+        return self._episode.task
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """All images of the episode at full resolution (inputs, then tool outputs)."""
+        return [] if self._episode is None else [item.image for item in self._episode.images]
+
+    # -- gym API --------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode. `options` may hold `{"task": Task}` or `{"index": i}` to pick one."""
+        super().reset(seed=seed)
+        options = options or {}
+        if "task" in options:
+            task = options["task"]
+            if not isinstance(task, Task):
+                raise TypeError(f"options['task'] must be a cv_env.Task, got {type(task).__name__}")
+        elif "index" in options:
+            task = self.tasks[int(options["index"]) % len(self.tasks)]
+        else:
+            task = self.tasks.sample(self.np_random)
+        if len(task.images) > self.observation_space["images"].max_images:
+            raise ValueError(
+                f"task {task.id!r} has {len(task.images)} images but max_images_per_observation is "
+                f"{self.observation_space['images'].max_images}: raise it in the env config"
+            )
+        images = [_EpisodeImage(img, i, Frame.identity(img.size)) for i, img in enumerate(task.images)]
+        self._episode = _Episode(task=task, images=images)
+        shown = [_shown_copy(img, self.max_pixels) for img in task.images]
+        sizes = "\n".join(
+            f"Image {i}: {img.width}x{img.height} pixels"
+            + (f" (shown at {s.width}x{s.height})" if s.size != img.size else "")
+            for i, (img, s) in enumerate(zip(task.images, shown))
+        )
+        text = sanitize_text(f"{task.question}\n\n{sizes}", self.max_text_chars)
+        self.messages = [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+            {"role": "user", "content": [{"type": "image", "image": s} for s in shown] + [{"type": "text", "text": text}]},
+        ]
+        obs = {"role": "user", "text": text, "images": tuple(np.asarray(s) for s in shown)}
+        info = {"task_id": task.id, "category": task.category, "turn": 0, "num_images": len(images)}
+        return obs, info
+
+    def step(self, action: str | dict):
+        episode = self._episode
+        if episode is None:
+            raise RuntimeError("step() before reset(): call reset() to start an episode")
+        if episode.done:
+            raise RuntimeError("step() after the episode ended: call reset() to start a new one")
+        turn = parse_action(action)  # TypeError / ValueError for malformed dict actions
+        text = action if isinstance(action, str) else (
+            f"<answer>{turn.answer}</answer>" if turn.kind == "answer" else render_tool_call(turn))
+        episode.assistant_turns.append(text)
+        self.messages.append(_assistant_message(action, turn))
+        n_turns = len(episode.assistant_turns)
+        info: dict[str, Any] = {"turn": n_turns, "task_id": episode.task.id, "category": episode.task.category}
+
+        if turn.kind == "answer":
+            return self._finish(turn.answer, info, terminated=True, obs=None)
+        if turn.kind == "invalid" and not _looks_like_tool_call(text):
+            # Neither a tool call nor an answer: the episode ends; the answer is taken from the
+            # text by fallback rules and the format reward is 0.
+            # (The format term is 0 by its own rule: the turn has no <answer>.)
+            return self._finish(extract_answer(text), info, terminated=True, obs=None)
+
+        obs, ok = self._run_tool(turn, info)
+        if n_turns >= self.max_turns:  # the final step pays all that is left, this call included
+            return self._finish(None, info, terminated=False, obs=obs)
+        step_reward = exec_fail_reward(ok, self.reward_config)
+        episode.paid += step_reward
+        return obs, step_reward, False, False, info
+
+    def truncate(self) -> tuple[float, dict]:
+        """End the running episode now, without an answer, as the turn limit does.
+
+        For agents that stop an episode for their own reasons (a rollout's token budget ran
+        out): pays what earlier steps did not (outcome and episode terms) and returns
+        `(reward, info)` with `info["reward_components"]`, like a final `step`.
+        """
+        episode = self._episode
+        if episode is None:
+            raise RuntimeError("truncate() before reset(): there is no episode to end")
+        if episode.done:
+            raise RuntimeError("truncate() after the episode ended: call reset() to start a new one")
+        info: dict[str, Any] = {"turn": len(episode.assistant_turns), "task_id": episode.task.id,
+                                "category": episode.task.category}
+        _, reward, _, _, info = self._finish(None, info, terminated=False, obs=None)
+        return reward, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        lines = []
+        for message in self.messages:
+            content = message.get("content", "")
+            if isinstance(content, list):
+                content = " ".join(
+                    part["text"] if part["type"] == "text" else f"[image {part['image'].width}x{part['image'].height}]"
+                    for part in content
+                )
+            lines.append(f"[{message['role']}] {content}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self._owns_sandbox and self.sandbox is not None:
+            self.sandbox.close()
+        super().close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _run_tool(self, turn: Turn, info: dict) -> tuple[dict, bool]:
+        """Run one tool call; return the tool observation and whether the execution succeeded."""
+        episode = self._episode
+        episode.n_calls += 1
+        n_images = len(episode.images)
+        notes = list(turn.notes)
+        new_image: Image.Image | None = None
+        if turn.kind == "invalid":
+            ok, message = False, f"Error: {turn.error}"
+        elif not 0 <= turn.image_index < n_images:
+            ok, message = False, (
+                f"Error: image_index {turn.image_index} is out of range: this episode has images 0..{n_images - 1}."
+            )
+        else:
+            result = self.sandbox.run(turn.code, [item.image for item in episode.images], image_index=turn.image_index)
+            ok = bool(result.ok)
+            info["tool_elapsed_s"] = result.elapsed_s
+            if ok:
+                new_image = result.image
+                self._record_success(result)
+                index = len(episode.images) - 1
+                w, h = new_image.size
+                message = f"Image {index} created: {w}x{h} pixels."
+                info["ops"] = [op["name"] for op in result.ops]
+            else:
+                message = f"Error: {result.error}"
+            if result.stdout:
+                message += "\nPrinted output:\n" + result.stdout[:MAX_STDOUT_CHARS]
+        if not ok:
+            episode.n_failed += 1
+        info["tool_ok"] = ok
+        if notes:
+            message += "\nNote: " + " ".join(notes)
+        content: list[dict] = []
+        shown_images: tuple = ()
+        if new_image is not None:
+            shown = _shown_copy(new_image, self.max_pixels)
+            if shown.size != new_image.size:
+                message += f" (shown at {shown.width}x{shown.height}; coordinates refer to the full size)"
+            content.append({"type": "image", "image": shown})
+            shown_images = (np.asarray(shown),)
+        message = sanitize_text(message, self.max_text_chars)
+        content.append({"type": "text", "text": message})
+        self.messages.append({"role": "tool", "name": TOOL_NAME, "content": content})
+        return {"role": "tool", "text": message, "images": shown_images}, ok
+
+    def _record_success(self, result) -> None:
+        """Add the output image with its frame, and collect ops and crop boxes in image 0's frame."""
+        episode = self._episode
+        source = result.source_index
+        root, frame = None, None
+        if source is not None and result.frame is not None and 0 <= source < len(episode.images):
+            parent = episode.images[source]
+            if parent.frame is not None:
+                root, frame = parent.root, parent.frame.then(result.frame)
+        episode.images.append(_EpisodeImage(result.image, root, frame))
+        for op in result.ops:
+            episode.used_ops.add(op["name"])
+            if op["name"] != "crop" or "source_box" not in op or source is None:
+                continue
+            parent = episode.images[source]
+            if parent.root == 0 and parent.frame is not None:  # bbox is given on image 0
+                episode.crop_boxes.append(parent.frame.box_to_source(op["source_box"]))
+
+    def _finish(self, answer: str | None, info: dict, *, terminated: bool, obs: dict | None):
+        episode = self._episode
+        task = episode.task
+        correct = answer is not None and check_answer(answer, task.answer, task.answer_type)
+        if not correct and answer is not None and self.judge is not None:
+            verdict = self.judge.judge(task.question, task.answer, answer)  # None: the judge failed
+            correct = correct if verdict is None else verdict
+        outcome = EpisodeOutcome(
+            assistant_turns=list(episode.assistant_turns),
+            correct=bool(correct),
+            required_ops=task.required_ops,
+            used_ops=set(episode.used_ops),
+            crop_boxes=list(episode.crop_boxes),
+            bbox=task.bbox,
+            n_calls=episode.n_calls,
+            n_failed=episode.n_failed,
+        )
+        components = episode_components(outcome, self.reward_config)
+        reward = components["total"] - episode.paid  # what earlier steps did not pay yet
+        episode.paid += reward
+        episode.done = True
+        info.update({
+            "reward_components": components,
+            "correct": bool(correct),
+            "answer": answer,
+            "ground_truth": task.answer,
+            "n_calls": episode.n_calls,
+            "n_failed": episode.n_failed,
+            "used_ops": sorted(episode.used_ops),
+            "episode_reward": components["total"],
+        })
+        if obs is None:
+            obs = {"role": "user", "text": "", "images": ()}
+        return obs, reward, terminated, not terminated, info
+
+
+def _reward_config(reward: RewardConfig | str | dict | None) -> RewardConfig:
+    if reward is None:
+        return RewardConfig()
+    if isinstance(reward, RewardConfig):
+        return reward
+    if isinstance(reward, str):
+        return RewardConfig.preset(reward)
+    if isinstance(reward, dict):
+        return RewardConfig.from_dict(reward)
+    raise TypeError(f"reward must be a RewardConfig, a preset name or a dict, got {type(reward).__name__}")
+
+
+def _looks_like_tool_call(text: str) -> bool:
+    """A turn that tried to call the tool (so a parse error is an observation, not the end)."""
+    return "<tool_call>" in text or "```" in text
+
+
+def _assistant_message(action: str | dict, turn: Turn) -> dict[str, Any]:
+    """The conversation entry for a turn: the raw text for string actions (token-exact view);
+    a structured `tool_calls` entry for dict actions, so any chat template can render it."""
+    if isinstance(action, str):
+        return {"role": "assistant", "content": action}
+    if turn.kind == "answer":
+        return {"role": "assistant", "content": f"<answer>{turn.answer}</answer>"}
+    arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}]}

@@ -1,0 +1,188 @@
+"""The tool protocol: the schema of `code_image_tool`, the system prompt, and turn parsing.
+
+A model's turn is a string: `<think>…</think>` then either one Hermes-style tool call
+
+    <tool_call>{"name": "code_image_tool", "arguments": {"code": "...", "image_index": 0}}</tool_call>
+
+(arguments as an object or as a JSON string; a fenced ```python block is accepted too) or a
+final `<answer>…</answer>`. `parse_turn` turns it into a `Turn`; it never raises on model
+output: what it cannot use becomes a `Turn` of kind "invalid" whose `error` the model reads.
+Programmatic agents may pass a dict instead (`parse_action`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TOOL_NAME = "code_image_tool"
+
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": (
+            "Run Python code on one of the conversation's images. The selected image is available "
+            "as `image` (also `img`), all images as `images`. PIL (Image, ImageOps, ImageEnhance, "
+            "ImageFilter, ImageDraw), numpy as np, cv2 and math are available. Assign the processed "
+            "image (a PIL image or an HxW / HxWx3 uint8 array) to `result`; print() output is "
+            "returned too. No files, no network."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "description": "Python code that assigns the output image to `result`."},
+                "description": {"type": "string", "description": "One line: what the code does and why."},
+                "image_index": {"type": "integer", "description": "Which image to process: 0 is the first input image; each tool output gets the next index."},
+            },
+            "required": ["code"],
+        },
+    },
+}
+
+SYSTEM_PROMPT = """You answer questions about images. You can look closer by writing Python code that processes an image: rotate or flip it to fix its orientation, crop the region that matters, or enhance contrast, brightness or sharpness.
+
+In every turn, first reason inside <think> </think>. Then do exactly one of:
+- call the tool once:
+<tool_call>
+{"name": "code_image_tool", "arguments": {"code": "result = image.rotate(90, expand=True)", "description": "fix the orientation", "image_index": 0}}
+</tool_call>
+- or give the final answer: <answer>your answer</answer>
+
+The tool's reply shows the new image and its index. Coordinates are pixels of the image you process, at the size the reply states. Use the tool only when it helps, and answer as soon as you can."""
+
+# Fenced code: ```python ... ``` (or ```py / bare ```), the form that needs no JSON escaping.
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_IMAGE_INDEX_HINT = re.compile(r"image_index\s*[=:]\s*(\d+)")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a model turn asks for.
+
+    kind: "tool_call" (code to run), "answer" (ends the episode), or "invalid" (neither,
+    or a tool call that could not be read; `error` says why).
+    """
+
+    kind: Literal["tool_call", "answer", "invalid"]
+    code: str = ""
+    image_index: int = 0
+    description: str = ""
+    answer: str = ""
+    error: str = ""
+    notes: tuple[str, ...] = ()  # non-fatal remarks for the model (extra calls ignored, ...)
+
+
+def _loads_lenient(text: str) -> Any:
+    """json.loads that also accepts raw newlines/tabs inside strings (a common model slip)."""
+    return json.loads(text, strict=False)
+
+
+def _arguments_from_call(payload: str) -> tuple[dict | None, str]:
+    """Parse the body of one <tool_call> block into its arguments, or explain the problem."""
+    body = payload.strip()
+    fenced = _FENCE.search(body)
+    if body.startswith("```") and fenced:  # <tool_call>```python ...```</tool_call>
+        return {"code": fenced.group(1)}, ""
+    try:
+        call = _loads_lenient(body)
+    except json.JSONDecodeError as exc:
+        if fenced:
+            return {"code": fenced.group(1)}, ""
+        return None, (
+            f"the tool call is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}). "
+            'Write {"name": "code_image_tool", "arguments": {"code": "...", "image_index": 0}}, '
+            "or put the code in a ```python block."
+        )
+    if not isinstance(call, dict):
+        return None, "the tool call must be a JSON object with \"name\" and \"arguments\"."
+    name = call.get("name", TOOL_NAME)
+    if name != TOOL_NAME:
+        return None, f"unknown tool {name!r}: the only tool is {TOOL_NAME!r}."
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = _loads_lenient(arguments)
+        except json.JSONDecodeError as exc:
+            return None, f"the tool call's \"arguments\" string is not valid JSON ({exc.msg})."
+    if not isinstance(arguments, dict):
+        return None, "the tool call's \"arguments\" must be an object with \"code\"."
+    return arguments, ""
+
+
+def _turn_from_arguments(arguments: dict, notes: tuple[str, ...] = ()) -> Turn:
+    code = arguments.get("code")
+    if not isinstance(code, str) or not code.strip():
+        return Turn("invalid", error="the tool call has no \"code\" string to run.", notes=notes)
+    index = arguments.get("image_index", 0)
+    if isinstance(index, str) and index.strip().isdigit():
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        return Turn("invalid", error=f"\"image_index\" must be an integer, got {index!r}.", notes=notes)
+    description = arguments.get("description", "")
+    return Turn("tool_call", code=code, image_index=index,
+                description=description if isinstance(description, str) else str(description), notes=notes)
+
+
+def parse_turn(text: str) -> Turn:
+    """Parse a model turn (see the module docstring). Never raises on model output."""
+    calls = _TOOL_CALL.findall(text)
+    if calls:
+        notes: list[str] = []
+        if len(calls) > 1:
+            notes.append(f"only one tool call runs per turn: the first ran, the other {len(calls) - 1} did not.")
+        if _ANSWER.search(text):
+            notes.append("an <answer> in the same turn as a tool call is ignored: answer after you see the result.")
+        arguments, error = _arguments_from_call(calls[0])
+        if arguments is None:
+            return Turn("invalid", error=error, notes=tuple(notes))
+        return _turn_from_arguments(arguments, tuple(notes))
+    answers = _ANSWER.findall(text)
+    if answers:
+        return Turn("answer", answer=answers[-1].strip())
+    fenced = _FENCE.findall(text)
+    if fenced:
+        notes = ()
+        if len(fenced) > 1:
+            notes = (f"only one code block runs per turn: the first ran, the other {len(fenced) - 1} did not.",)
+        hint = _IMAGE_INDEX_HINT.search(text.split("```")[0])
+        return _turn_from_arguments({"code": fenced[0], "image_index": int(hint.group(1)) if hint else 0}, notes)
+    return Turn("invalid", error="the turn has neither a tool call nor an <answer>.")
+
+
+def parse_action(action: Any) -> Turn:
+    """Turn an env action (a model's string, or a dict from a programmatic agent) into a `Turn`.
+
+    Raises TypeError/ValueError for actions that are not a str or a well-formed dict: those
+    are programming errors of the caller, not model mistakes.
+    """
+    if isinstance(action, str):
+        return parse_turn(action)
+    if isinstance(action, dict):
+        if "answer" in action:
+            extra = set(action) - {"answer"}
+            if extra:
+                raise ValueError(f"an answer action has only the key 'answer', got extra keys {sorted(extra)}")
+            return Turn("answer", answer=str(action["answer"]).strip())
+        if "code" in action:
+            extra = set(action) - {"code", "image_index", "description"}
+            if extra:
+                raise ValueError(
+                    f"a tool action has keys 'code', 'image_index', 'description'; got extra keys {sorted(extra)}"
+                )
+            return _turn_from_arguments(dict(action))
+        raise ValueError(f"a dict action needs 'code' or 'answer', got keys {sorted(action)}")
+    raise TypeError(
+        f"action must be a str (the model's turn) or a dict ({{'code': ...}} or {{'answer': ...}}), "
+        f"got {type(action).__name__}"
+    )
+
+
+def render_tool_call(turn: Turn) -> str:
+    """The Hermes-style text of a tool call (used to record dict actions in the conversation)."""
+    arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
+    return "<tool_call>\n" + json.dumps({"name": TOOL_NAME, "arguments": arguments}) + "\n</tool_call>"

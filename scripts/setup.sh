@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with the CPU build of PyTorch and the project.
+#   bash scripts/setup.sh [extras]      (default extras: train,test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-train,test}"
+python3 -m venv .venv
+# torch first, pinned: an unpinned torch would resolve to a multi-GB CUDA build on CPU machines.
+.venv/bin/pip install --quiet "torch==2.13.0"
+# -c pins the versions CI was run with (transformers inside the range vLLM accepts).
+.venv/bin/pip install --quiet -c scripts/constraints.txt -e ".[$extras]"
+echo "setup: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

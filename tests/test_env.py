@@ -1,0 +1,174 @@
+"""CodeVisionEnv: the Gymnasium contract, the tool protocol, and rewards paid step by step."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from PIL import Image, ImageDraw
+
+import cv_env
+from cv_env import Task
+from cv_env.sandbox import Sandbox
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(workers=2, timeout_s=10.0) as shared:
+        yield shared
+
+
+def _call(code, image_index=0):
+    arguments = {"code": code, "description": "", "image_index": image_index}
+    return f"<think>use the tool</think>\n<tool_call>\n{json.dumps({'name': 'code_image_tool', 'arguments': arguments})}\n</tool_call>"
+
+
+def _answer(text):
+    return f"<think>done</think>\n<answer>{text}</answer>"
+
+
+def _rotated_task(transforms=("rotate_90",), bbox=None, answer="7"):
+    image = Image.new("RGB", (64, 48), "white")
+    ImageDraw.Draw(image).rectangle((4, 4, 20, 30), fill="black")
+    for t in transforms:
+        if t.startswith("rotate_"):
+            image = image.rotate(int(t.split("_")[1]), expand=True)
+    return Task(id="t0", images=[image], question="What number?", answer=answer, answer_type="number",
+                category="unit", transforms=list(transforms), bbox=bbox)
+
+
+def make_env(sandbox, **kwargs):
+    kwargs.setdefault("tasks", [_rotated_task()])
+    return gym.make("CodeVision-v0", sandbox=sandbox, **kwargs)
+
+
+def test_registered_and_passes_check_env(sandbox):
+    assert cv_env.ENV_ID in gym.registry
+    env = make_env(sandbox, tasks="synthetic")
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def test_reset_is_deterministic_per_seed(sandbox):
+    env = make_env(sandbox, tasks="synthetic")
+    a = env.reset(seed=3)
+    b = env.reset(seed=3)
+    assert a[1]["task_id"] == b[1]["task_id"] and a[0]["text"] == b[0]["text"]
+    assert all((x == y).all() for x, y in zip(a[0]["images"], b[0]["images"]))
+    assert "answer" not in a[1] and "ground_truth" not in a[1]
+
+
+def test_fixing_the_orientation_and_answering_pays_the_full_reward(sandbox):
+    env = make_env(sandbox)
+    obs, info = env.reset(seed=0)
+    assert obs["role"] == "user" and len(obs["images"]) == 1
+    obs, reward, terminated, truncated, info = env.step(_call("result = image.rotate(270, expand=True)"))
+    # the task image is 64x48 shown rotated by 90 (48x64); undoing it gives 64x48 again
+    assert obs["role"] == "tool" and "Image 1 created: 64x48 pixels" in obs["text"]
+    assert obs["images"][0].shape == (48, 64, 3)
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    obs, reward, terminated, truncated, info = env.step(_answer("7"))
+    assert terminated and not truncated and info["correct"]
+    components = info["reward_components"]
+    assert components["acc"] == 1 and components["fmt"] == 1 and components["mandatory"] == 1
+    assert components["exact"] == pytest.approx(0.1) and components["spurious"] == 0
+    assert reward == pytest.approx(components["total"])
+    messages = env.unwrapped.messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+
+
+def test_step_rewards_sum_to_the_episode_total(sandbox):
+    env = make_env(sandbox)
+    env.reset(seed=0)
+    rewards = [env.step(_call("result = image.rotate("))[1],  # syntax error: a failed call
+               env.step(_call("result = image.rotate(270, expand=True)"))[1]]
+    assert rewards[0] < 0  # the failed call is penalised when it happens
+    _, last, _, _, info = env.step(_answer("7"))
+    assert sum(rewards) + last == pytest.approx(info["reward_components"]["total"])
+    assert info["n_failed"] == 1 and info["n_calls"] == 2
+
+
+def test_failed_code_is_an_observation_the_model_can_read(sandbox):
+    env = make_env(sandbox)
+    env.reset(seed=0)
+    obs, *_ = env.step(_call("result = image.does_not_exist()"))
+    assert obs["role"] == "tool" and obs["text"].startswith("Error:") and obs["images"] == ()
+    obs, *_ = env.step(_call("result = image", image_index=5))
+    assert "image_index 5 is out of range: this episode has images 0..0" in obs["text"]
+    obs, *_ = env.step('<tool_call>{"name": "code_image_tool", "arguments": {"code": </tool_call>')
+    assert "not valid JSON" in obs["text"]
+
+
+def test_a_comment_or_description_saying_crop_is_not_a_crop(sandbox):
+    task = _rotated_task(transforms=("crop",), bbox=[4, 4, 21, 31])
+    env = make_env(sandbox, tasks=[task])
+    env.reset(seed=0)
+    code = "# crop the digit\nresult = image  # crop"
+    env.step("<think>crop</think><tool_call>" + json.dumps(
+        {"name": "code_image_tool", "arguments": {"code": code, "description": "crop to the digit"}}) + "</tool_call>")
+    *_, info = env.step(_answer("7"))
+    assert info["reward_components"]["mandatory"] == 0
+
+
+def test_crop_on_a_rotated_copy_is_scored_in_the_bbox_frame(sandbox):
+    task = _rotated_task(transforms=("rotate_90", "crop"), bbox=None)
+    # The black rectangle (4..21, 4..31) of the original, as shown after rotate_90 (64x48 -> 48x64):
+    shown_box = cv_env.Frame.identity((64, 48)).rotate(90).box_from_source([4, 4, 21, 31])
+    task.bbox = shown_box
+    env = make_env(sandbox, tasks=[task])
+    env.reset(seed=0)
+    env.step(_call("result = image.rotate(270, expand=True)"))  # image 1 = the original orientation
+    env.step(_call("result = image.crop((4, 4, 21, 31))", image_index=1))
+    *_, info = env.step(_answer("7"))
+    assert info["reward_components"]["mandatory"] == pytest.approx(1.0)
+
+
+def test_turn_limit_truncates_and_pays_what_is_left(sandbox):
+    env = make_env(sandbox, max_turns=2)
+    env.reset(seed=0)
+    env.step(_call("result = image"))
+    obs, reward, terminated, truncated, info = env.step(_call("result = image"))
+    assert truncated and not terminated and not info["correct"]
+    assert "reward_components" in info
+
+
+def test_a_turn_without_call_or_answer_ends_the_episode_with_format_zero(sandbox):
+    env = make_env(sandbox)
+    env.reset(seed=0)
+    _, _, terminated, _, info = env.step("The answer is 7")
+    assert terminated and info["answer"] == "7" and info["correct"]
+    assert info["reward_components"]["fmt"] == 0
+
+
+def test_misuse_raises_clear_errors(sandbox):
+    env = make_env(sandbox)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.unwrapped.step(_answer("7"))
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match="must be a str"):
+        env.step(42)
+    env.step(_answer("7"))
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(_answer("7"))
+
+
+def test_large_images_are_shown_downscaled_but_code_runs_on_full_resolution(sandbox):
+    big = Image.new("RGB", (400, 300), "gray")
+    env = make_env(sandbox, tasks=[Task(id="big", images=[big], question="q", answer="a")], max_pixels=100 * 75)
+    obs, _ = env.reset(seed=0)
+    assert obs["images"][0].shape == (75, 100, 3) and "400x300 pixels (shown at 100x75)" in obs["text"]
+    obs, *_ = env.step(_call("result = image.crop((0, 0, 200, 150))"))
+    assert "200x150 pixels" in obs["text"] and obs["images"][0].shape[0] * obs["images"][0].shape[1] <= 100 * 75
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_vector_envs(mode):
+    envs = gym.make_vec("CodeVision-v0", num_envs=2, vectorization_mode=mode, tasks="synthetic",
+                        sandbox={"workers": 1})
+    obs, info = envs.reset(seed=0)
+    assert len(obs["text"]) == 2 and len(obs["images"]) == 2
+    obs, rewards, terminated, truncated, info = envs.step((_call("result = image"), _answer("x")))
+    assert terminated.tolist() == [False, True]
+    assert obs["images"][0][0].dtype == np.uint8
+    envs.close()

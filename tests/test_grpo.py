@@ -1,0 +1,361 @@
+"""The GRPO trainer: a tiny end-to-end run and its resume, one update that learns, and the
+shared training pieces (prompt order, LR schedule, exact gradient accumulation, metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from agents.policy import Policy  # noqa: E402
+from agents.rollout import Trajectory  # noqa: E402
+from algos.config import load_config  # noqa: E402
+from algos.grpo import compute_advantages, group_reward_terms, grpo_update, loss_keep_mask, run  # noqa: E402
+from algos.losses import aggregate  # noqa: E402
+from algos.tracking import read_metrics  # noqa: E402
+from algos.train_step import (  # noqa: E402
+    PromptSampler,
+    build_optimizer,
+    build_scheduler,
+    episode_summary,
+    rollout_metrics,
+    update_step,
+    validation_metrics,
+)
+from cv_env.reward import RewardConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# Small enough for a loaded 2-core box: 2 prompts x 2 samples, short turns, 2 validation tasks.
+TINY_RUN = [
+    "+exp=tiny",
+    "rollout.prompts_per_step=2",
+    "rollout.n=2",
+    "rollout.max_new_tokens=16",
+    "algo.mini_batch_size=1",
+    "algo.micro_batch_size=1",
+    "algo.entropy_coef=0.01",  # a gradient on every step, whatever the (random) rewards
+    "algo.lr=1e-3",
+    "env.max_turns=2",
+    "env.sandbox.workers=1",
+    "trainer.val_size=2",
+    "trainer.val_every=2",
+    "trainer.save_every=1",
+    "trainer.keep_last=5",
+    "trainer.sample_table_every=1",
+    "trainer.sample_table_rows=2",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+]
+
+DOCUMENTED = [
+    "reward/total", "reward/acc", "reward/fmt", "tool/calls_per_episode", "episode/turns",
+    "episode/response_length", "episode/truncated", "actor/loss", "actor/pg_loss", "actor/kl", "actor/entropy",
+    "actor/clipfrac", "actor/approx_kl", "actor/grad_norm", "lr", "time/rollout", "time/sandbox", "time/update",
+    "time/step", "throughput/tokens_per_s", "throughput/episodes_per_s",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_trains_logs_checkpoints_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = run(load_config(TINY_RUN + ["trainer.total_steps=2", f"trainer.output_dir={out}"]))
+    assert summary["steps"] == 2 and summary["resumed_from"] is None
+    printed = capsys.readouterr().out
+    assert "GRPO finished at step 2" in printed and str(out / "metrics.jsonl") in printed
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "val/acc" in records[0] and "val/acc" in records[2]
+    assert any(k.startswith("val/acc/") for k in records[2])
+    for record in records[1:]:
+        missing = [name for name in DOCUMENTED if name not in record]
+        assert not missing, f"step {record['step']} lacks {missing}"
+        for name in ("actor/loss", "actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
+            assert record[name] is not None and math.isfinite(record[name]), name
+        assert record["actor/grad_norm"] > 0
+        assert record["lr"] == pytest.approx(1e-3)
+    tables = (out / "tables" / "samples_train.jsonl").read_text().splitlines()
+    assert len(tables) == 4 and json.loads(tables[0])["images"]  # 2 rows x 2 steps, with their images
+
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file() and (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data_state"]["position"] == 4  # 2 steps x 2 prompts
+
+    # The weights moved away from the initial model.
+    trained = load_file(str(ckpt / "model.safetensors"))
+    initial = Policy.load("tiny:qwen2_5_vl", dtype="float32").model.state_dict()
+    changed = [k for k, v in trained.items() if not torch.equal(v, initial[k])]
+    assert len(changed) > len(trained) // 2
+
+    # Resume: the same command with a longer horizon continues at step 3 and prompt 5.
+    summary = run(load_config(TINY_RUN + ["trainer.total_steps=3", f"trainer.output_dir={out}"]))
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("step_00000002")
+    assert "resuming from" in capsys.readouterr().out
+    records = read_metrics(out / "metrics.jsonl")
+    lines = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [0, 1, 2, 3]  # nothing repeated, nothing lost; no second baseline validation
+    state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["data_state"]["position"] == 6
+    optimizer_state = torch.load(out / "checkpoints" / "step_00000003" / "optimizer.pt", weights_only=True)
+    adam_steps = {float(s["step"]) for s in optimizer_state["state"].values()}
+    assert adam_steps == {6.0}  # 3 steps x 2 mini-batches: the resumed optimizer kept counting
+
+
+def test_tiny_run_with_lora_trains_only_the_adapter(tmp_path):
+    out = tmp_path / "lora"
+    run(load_config(TINY_RUN + [
+        "trainer.total_steps=1", "trainer.val_before_train=false", "trainer.val_every=0",
+        "model.lora.enabled=true", "model.freeze_vision=true", f"trainer.output_dir={out}",
+    ]))
+    weights = load_file(str(out / "checkpoints" / "step_00000001" / "model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert not any("visual" in k for k in weights)
+    record = read_metrics(out / "metrics.jsonl")[-1]
+    assert math.isfinite(record["actor/kl"]) and record["actor/grad_norm"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# One update learns
+# --------------------------------------------------------------------------------------------
+
+
+def _one_token_trajectory(prompt_ids, token, logprob, reward, group="g"):
+    ids = list(prompt_ids) + [token]
+    n = len(ids)
+    return Trajectory(
+        task_id="toy", group_id=group, category="toy", token_ids=ids, loss_mask=[0] * (n - 1) + [1],
+        sampler_logprobs=[0.0] * (n - 1) + [logprob], token_rewards=[0.0] * (n - 1) + [reward],
+        turn_ends=[n - 1], turn_rewards=[reward], reward=reward, reward_components={"acc": reward},
+        images=[], image_grid_thw=[], pixel_values=None, success=reward > 0, num_turns=1, num_tool_calls=0,
+        truncated=False, truncation="", prompt_length=n - 1,
+    )
+
+
+def test_one_grpo_update_raises_the_probability_of_the_rewarded_answer():
+    """A single-step task: answering token A pays 1, token B pays 0; after one GRPO update the
+    real tiny model says A more often and B less often."""
+    cfg = load_config([
+        "+exp=tiny", "rollout.n=8", "rollout.prompts_per_step=1", "algo.mini_batch_size=1",
+        "algo.micro_batch_size=2", "algo.lr=1e-3", "algo.kl.coef=0",
+    ])
+    policy = Policy.load("tiny:qwen2_5_vl", dtype="float32")
+    tok = policy.tokenizer
+    prompt = tok("<|im_start|>user\nIs the image upright? Answer yes or no.<|im_end|>\n<|im_start|>assistant\n",
+                 add_special_tokens=False)["input_ids"]
+    token_a, token_b = tok("yes", add_special_tokens=False)["input_ids"][0], tok("no", add_special_tokens=False)["input_ids"][0]
+    assert token_a != token_b
+
+    def logprob(token):
+        with torch.no_grad():
+            batch = policy.collate([_one_token_trajectory(prompt, token, 0.0, 0.0)])
+            return float(policy.logprobs(batch)[0][0, -1])
+
+    before_a, before_b = logprob(token_a), logprob(token_b)
+    trajectories = [_one_token_trajectory(prompt, token_a, before_a, 1.0) for _ in range(4)]
+    trajectories += [_one_token_trajectory(prompt, token_b, before_b, 0.0) for _ in range(4)]
+    rewards_G = torch.tensor([t.reward for t in trajectories])
+    advantages_G = compute_advantages(rewards_G, trajectories, "grpo")
+    assert advantages_G[:4].gt(0).all() and advantages_G[4:].lt(0).all()
+
+    optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
+    scheduler = build_scheduler(optimizer, cfg.algo, total_updates=1)
+    metrics = grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, [True] * 8, cfg)
+    assert metrics["data/updates"] == 1 and metrics["actor/grad_norm"] > 0
+    # The first mini-batch is on-policy: the ratio starts at 1, nothing is clipped.
+    assert metrics["actor/clipfrac"] == 0
+    after_a, after_b = logprob(token_a), logprob(token_b)
+    assert after_a > before_a + 1e-3, (before_a, after_a)
+    assert after_b < before_b - 1e-3, (before_b, after_b)
+
+
+# --------------------------------------------------------------------------------------------
+# Group terms, masks, advantages
+# --------------------------------------------------------------------------------------------
+
+
+def _traj(group, reward, success=False, calls=0, truncated=False):
+    return dataclasses.replace(_one_token_trajectory([1, 2], 3, -1.0, reward, group), success=success,
+                               num_tool_calls=calls, truncated=truncated, truncation="max_turns" if truncated else "")
+
+
+def test_necessity_is_added_per_group_when_beta_is_positive():
+    # Group a: two tool users correct, two tool-free wrong -> necessity 1 - 0 = 1 for the two.
+    # Group b: a tool-free rollout was correct twice -> answerable without tools, no bonus.
+    group = [_traj("a", 1, True, 1), _traj("a", 1, True, 2), _traj("a", 0, False, 0), _traj("a", 0, False, 0),
+             _traj("b", 1, True, 1), _traj("b", 1, True, 0), _traj("b", 1, True, 0), _traj("b", 0, False, 1)]
+    assert group_reward_terms(group, RewardConfig(beta=0.5)) == [0.5, 0.5, 0, 0, 0, 0, 0, 0]
+    assert group_reward_terms(group, RewardConfig(beta=0.0)) == [0.0] * 8
+
+
+def test_advantages_use_groups_in_any_order():
+    trajs = [_traj("x", 1), _traj("y", 5), _traj("x", 3), _traj("y", 5)]
+    rewards = torch.tensor([1.0, 5.0, 3.0, 5.0])
+    # Group x: mean 2, std sqrt(2) -> -1/sqrt(2), +1/sqrt(2); group y constant -> 0.
+    expected = torch.tensor([-1 / math.sqrt(2), 0.0, 1 / math.sqrt(2), 0.0])
+    assert torch.allclose(compute_advantages(rewards, trajs, "grpo"), expected, atol=1e-5)
+    assert torch.allclose(compute_advantages(rewards, trajs, "drgrpo"), torch.tensor([-1.0, 0, 1, 0]))
+    assert torch.allclose(compute_advantages(rewards, trajs, "rloo"), torch.tensor([-2.0, 0, 2, 0]))
+
+
+def test_truncated_masking_and_dynamic_sampling():
+    trajs = [_traj("x", 1), _traj("x", 0, truncated=True), _traj("y", 2), _traj("y", 2)]
+    rewards = torch.tensor([t.reward for t in trajs])
+    assert loss_keep_mask(trajs, rewards, mask_truncated=False, dynamic_sampling=False) == [True] * 4
+    assert loss_keep_mask(trajs, rewards, mask_truncated=True, dynamic_sampling=False) == [True, False, True, True]
+    assert loss_keep_mask(trajs, rewards, mask_truncated=True, dynamic_sampling=True) == [True, False, False, False]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared training pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_prompt_sampler_covers_each_epoch_and_resumes_exactly():
+    sampler = PromptSampler(5, seed=3)
+    first = sampler.draw(3) + sampler.draw(2)
+    assert sorted(first) == [0, 1, 2, 3, 4]  # one epoch: every task once
+    crossing = sampler.draw(7)  # the rest of epoch 1 spills into epoch 2
+    assert sorted(crossing[:5]) == [0, 1, 2, 3, 4] and sampler.state_dict()["epoch"] == 2
+    state = json.loads(json.dumps(sampler.state_dict()))
+    resumed = PromptSampler(5, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.draw(4) == sampler.draw(4)
+    with pytest.raises(ValueError, match="same env.tasks"):
+        PromptSampler(6, seed=3).load_state_dict(state)
+
+
+def test_scheduler_warmup_then_decay_by_hand():
+    cfg = load_config(["+exp=tiny", "algo.lr=1.0", "algo.warmup_steps=2", "algo.scheduler=linear"]).algo
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = build_optimizer([("w", param)], cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_updates=6)
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup (u+1)/3 for u=0,1; then 1 - (u-2)/4 for u=2..6
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0])
+    cfg = load_config(["+exp=tiny", "algo.lr=1.0", "algo.scheduler=cosine"]).algo
+    optimizer = build_optimizer([("w", torch.nn.Parameter(torch.zeros(2, 2)))], cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_updates=4)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # halfway down the cosine
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer([("w", torch.nn.Parameter(torch.zeros(1), requires_grad=False))], cfg)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gradient_accumulation_equals_one_big_batch(agg):
+    """Micro-batches of uneven token counts give exactly the gradient of the whole mini-batch."""
+    torch.manual_seed(0)
+    x_BT = torch.randn(5, 7)
+    mask_BT = (torch.rand(5, 7) > 0.4).float()
+    mask_BT[2] = 0  # a row with nothing in the loss
+
+    def run_with(splits):
+        weight = torch.nn.Parameter(torch.tensor(0.5))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        micro = [{"x": x_BT[a:b], "loss_mask": mask_BT[a:b]} for a, b in splits]
+
+        def loss_fn(batch):
+            loss = aggregate((weight * batch["x"]) ** 2, batch["loss_mask"], agg)
+            return loss, {"value": loss.detach()}
+
+        stats = update_step(micro, loss_fn, [weight], optimizer, scheduler, grad_clip=1e9, agg=agg)
+        return float(weight), stats
+
+    whole, whole_stats = run_with([(0, 5)])
+    split, split_stats = run_with([(0, 1), (1, 3), (3, 5)])
+    assert split == pytest.approx(whole, abs=1e-6)
+    assert split_stats["value"] == pytest.approx(whole_stats["value"], abs=1e-6)
+    assert split_stats["grad_norm"] == pytest.approx(whole_stats["grad_norm"], abs=1e-6)
+
+
+def test_update_step_without_loss_tokens_takes_no_step():
+    weight = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stats = update_step([{"loss_mask": torch.zeros(2, 3)}], lambda b: (weight * 0, {}), [weight], optimizer,
+                        scheduler, grad_clip=1.0, agg="token-mean")
+    assert stats is None and float(weight) == 1.0
+
+
+def test_rollout_and_validation_metrics_by_hand():
+    a = _traj("x", 1.0, success=True, calls=2)
+    b = _traj("x", 0.0, success=False, calls=0, truncated=True)
+    summaries = [episode_summary(a), episode_summary(b, reward=0.5)]
+    m = rollout_metrics(summaries)
+    assert m["reward/total"] == 0.75 and m["reward/acc"] == 0.5
+    assert m["tool/calls_per_episode"] == 1.0 and m["episode/truncated"] == 0.5 and m["episode/success"] == 0.5
+    assert m["episode/response_length"] == 1.0 and m["episode/turns"] == 1.0
+    summaries[0]["category"], summaries[1]["category"] = "charts", "tiny_ocr"
+    v = validation_metrics(summaries + [dict(summaries[0], success=False)])
+    assert v["val/acc"] == pytest.approx(1 / 3)
+    assert v["val/acc/charts"] == 0.5 and v["val/acc/tiny_ocr"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel ranks (two gloo processes on CPU)
+# --------------------------------------------------------------------------------------------
+
+_DDP_WORKER = '''
+import os, sys, torch
+import algos.grpo as grpo
+from algos.config import load_config
+
+out = sys.argv[1]
+real_save = grpo.save_checkpoint
+
+def save_and_record(output_dir, step, model, *args, **kwargs):
+    # Every rank records the weights it trained, to compare the replicas.
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+               os.path.join(out, f"weights_rank{os.environ['RANK']}.pt"))
+    return real_save(output_dir, step, model, *args, **kwargs)
+
+grpo.save_checkpoint = save_and_record
+summary = grpo.run(load_config(sys.argv[2:] + [f"trainer.output_dir={out}"]))
+'''
+
+
+def test_two_gloo_ranks_train_identical_replicas_on_different_prompts(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    overrides = [o for o in TINY_RUN if not o.startswith(("algo.mini_batch_size", "trainer.val_size"))]
+    overrides += ["algo.mini_batch_size=2", "trainer.val_size=2", "trainer.total_steps=1",
+                  "trainer.val_before_train=false", "trainer.sample_table_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script),
+         str(tmp_path / "run"), *overrides],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "run" / "weights_rank0.pt")
+    rank1 = torch.load(tmp_path / "run" / "weights_rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were averaged
+    initial = dict(Policy.load("tiny:qwen2_5_vl", dtype="float32").model.named_parameters())
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # and they did train
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]  # rank 0 logged both ranks' episodes
+    assert record["step"] == 1 and "val/acc" in record and record["data/trajectories_in_loss"] == 4
