@@ -21,6 +21,7 @@ would demand image features that do not exist.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,10 @@ from PIL import Image
 from cv_env.protocol import TOOL_SCHEMA
 
 _ZERO_WIDTH_SPACE = "\u200b"
+# A fast tokenizer resets its padding/truncation state on every call, which raises "Already
+# borrowed" when two threads tokenize at once; the rollout engine renders from a thread pool, so
+# tokenization is serialised (template rendering and everything else is not).
+_TOKENIZE_LOCK = threading.Lock()
 
 
 class ImageTokenMismatch(ValueError):
@@ -166,12 +171,14 @@ class ChatRenderer:
     def encode(self, text: str, images: list[Image.Image]) -> Delta:
         """Tokenize template text with its images (placeholders expanded to the image grids)."""
         if images:
-            out = self.processor(text=[text], images=images, return_tensors="pt")
+            with _TOKENIZE_LOCK:
+                out = self.processor(text=[text], images=images, return_tensors="pt")
             ids = out["input_ids"][0].tolist()
             grids = out["image_grid_thw"].tolist()
             check_image_tokens(ids, grids, self.image_token_id, self.merge_size, "rendered text")
             return Delta(ids, list(images), out["pixel_values"], grids)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with _TOKENIZE_LOCK:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.image_token_id in ids:
             raise ImageTokenMismatch("rendered text has image placeholders but no image was given")
         return Delta(ids, [], None, [])

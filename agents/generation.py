@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -105,14 +105,22 @@ class GenerationResult:
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
 
 
+OnFinish = Callable[[int, GenerationResult], None]
+
+
 class GenerationBackend(Protocol):
     """What the rollout engine needs from a generator."""
 
     processor: Any
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams,
-                 seed: int | None = None) -> list[GenerationResult]:
-        """Sample one continuation per request, all in one batched call."""
+                 seed: int | None = None, on_finish: OnFinish | None = None) -> list[GenerationResult]:
+        """Sample one continuation per request, all in one batched call.
+
+        on_finish(i, result), when given, is called exactly once per request, as soon as request
+        i's turn is complete (possibly while other rows are still generating), so the caller can
+        start that episode's env step early.
+        """
 
     def update_weights(self, model) -> None:
         """Load the trainer's current weights into the generator (no-op when they are shared)."""
@@ -130,32 +138,84 @@ def stop_token_ids(tokenizer, stop_tokens: Sequence[str] = STOP_TOKENS) -> list[
 
 
 class _LogprobRecorder:
-    """A logits processor that records the log-prob of each sampled token without keeping all logits.
+    """A logits processor that records each sampled token's log-prob and reports finished rows early.
 
     At step t it sees the logits of step t (vision ids already suppressed) and keeps their
     log-softmax; at step t+1 the token sampled at t is the last input id, and is scored then. Only
-    one [B, vocab] tensor is alive at a time.
+    one [B, vocab] tensor is alive at a time. A row whose last token is a stop token, or which
+    reached its own token limit, is complete: `on_finish` gets it at once, while the batch goes on.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, width: int, limits: list[int], stop_ids: list[int],
+                 on_finish: OnFinish | None):
         self.temperature = temperature
+        self.width, self.limits, self.on_finish = width, limits, on_finish
+        self.stop_ids, self.stop_set = stop_ids, set(stop_ids)
         self.previous: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []  # [B] log-probs per decoding step, on the model's device
+        self.results: dict[int, GenerationResult] = {}
+        self._device_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._score(input_ids[:, -1])
+        if self._score(input_ids[:, -1]):
+            self._report(input_ids)
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
-    def _score(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(1, tokens.unsqueeze(1)).squeeze(1))
-            self.previous = None
+    def _score(self, tokens: torch.Tensor) -> bool:
+        if self.previous is None:
+            return False
+        self.steps.append(self.previous.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        self.previous = None
+        return True
 
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[B, steps] log-probs of the generated tokens."""
+    def _report(self, input_ids: torch.Tensor, final: bool = False) -> None:
+        """Hand over every row that is complete now (every remaining row when final).
+
+        The check runs on the device and costs one scalar transfer per step; token ids and
+        log-probs are copied to the host only for rows that just finished.
+        """
+        if self._device_state is None:
+            device = input_ids.device
+            self._device_state = (torch.tensor(self.stop_ids, device=device),
+                                  torch.tensor(self.limits, device=device),
+                                  torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device))
+        stop_ids, limits, reported = self._device_state
+        n = input_ids.shape[1] - self.width
+        done = torch.ones_like(reported) if final else torch.isin(input_ids[:, -1], stop_ids) | (n >= limits)
+        done &= ~reported
+        if not bool(done.any()):
+            return
+        reported |= done
+        rows = done.nonzero().flatten().tolist()
+        new = input_ids[rows, self.width:].cpu()
+        logprobs = torch.stack(self.steps, 1)[rows].cpu()
+        for k, b in enumerate(rows):
+            ids = new[k, : self.limits[b]].tolist()
+            end, reason = len(ids), "length"
+            for i, token in enumerate(ids):
+                if token in self.stop_set:
+                    end, reason = i + 1, "stop"
+                    break
+            self.results[b] = GenerationResult(ids[:end], logprobs[k, :end].tolist(), reason)
+            if self.on_finish is not None:
+                self.on_finish(b, self.results[b])
+
+    def finish(self, sequences: torch.Tensor) -> list[GenerationResult]:
+        """Score the last step and complete every row still open; results in row order."""
         self._score(sequences[:, -1])
-        return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0).float()
+        self._report(sequences, final=True)
+        return [self.results[b] for b in range(sequences.shape[0])]
+
+
+class _RowLimits:
+    """A stopping criterion: each row stops at its own max_new_tokens (the batch runs to the longest)."""
+
+    def __init__(self, width: int, limits: list[int]):
+        self.width, self.limits = width, torch.tensor(limits)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.width >= self.limits).to(input_ids.device)
 
 
 class HFBackend:
@@ -178,7 +238,7 @@ class HFBackend:
         """No-op: the HF backend samples from the very model the trainer updates."""
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams,
-                 seed: int | None = None) -> list[GenerationResult]:
+                 seed: int | None = None, on_finish: OnFinish | None = None) -> list[GenerationResult]:
         if not requests:
             return []
         policy = self.policy
@@ -213,23 +273,13 @@ class HFBackend:
         limits = [min(int(r.max_new_tokens), sampling.max_new_tokens) for r in requests]
         if min(limits) < 1:
             raise ValueError(f"every request needs max_new_tokens >= 1, got {limits}")
-        recorder = _LogprobRecorder(sampling.logprob_temperature)
+        recorder = _LogprobRecorder(sampling.logprob_temperature, width, limits, self.stop_ids, on_finish)
         if seed is not None:
             torch.manual_seed(seed)
         with self._generation_config(sampling, max(limits)), torch.inference_mode(), _eval_mode(policy.model):
-            sequences = policy.model.generate(**inputs, logits_processor=[recorder, *self.logits_processors])
-        new_BN = sequences[:, width:].cpu()
-        logprobs_BN = recorder.finish(sequences).cpu()
-        results = []
-        for b in range(len(requests)):
-            ids, lps = new_BN[b].tolist(), logprobs_BN[b].tolist()
-            end, reason = limits[b], "length"
-            for i, token in enumerate(ids[: limits[b]]):
-                if token in self.stop_ids:
-                    end, reason = i + 1, "stop"
-                    break
-            results.append(GenerationResult(ids[:end], lps[:end], reason))
-        return results
+            sequences = policy.model.generate(**inputs, logits_processor=[recorder, *self.logits_processors],
+                                              stopping_criteria=[_RowLimits(width, limits)])
+            return recorder.finish(sequences)
 
     @contextlib.contextmanager
     def _generation_config(self, sampling: SamplingParams, max_new_tokens: int):
@@ -289,9 +339,9 @@ class ScriptedBackend:
         """No-op: a scripted agent has no weights."""
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams,
-                 seed: int | None = None) -> list[GenerationResult]:
+                 seed: int | None = None, on_finish: OnFinish | None = None) -> list[GenerationResult]:
         results = []
-        for request in requests:
+        for index, request in enumerate(requests):
             if request.task is None or not request.key:
                 raise ValueError("ScriptedBackend needs requests with a task and an episode key (the rollout "
                                  "engine sets both)")
@@ -304,6 +354,8 @@ class ScriptedBackend:
             reason = "stop" if len(ids) <= limit else "length"
             ids = ids[:limit]
             results.append(GenerationResult(ids, [0.0] * len(ids), reason))
+            if on_finish is not None:
+                on_finish(index, results[-1])
         return results
 
     def reset(self) -> None:

@@ -172,15 +172,27 @@ class Policy:
         total_found = int(((input_ids == self.image_token_id) & mask).sum())
         if total_found != total_expected:
             check_image_tokens(input_ids[mask].tolist(), grids, self.image_token_id, self.merge_size, "batch")
-        out = _core(self.model).model(
-            input_ids=input_ids,
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch.get("pixel_values"),
-            image_grid_thw=grids,
-            mm_token_type_ids=batch.get("mm_token_type_ids", (input_ids == self.image_token_id).long()),
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        # Run the whole model (so wrappers such as peft or FSDP see a normal forward) with an
+        # empty logits selection, and take the decoder's last hidden states from a hook.
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_hidden(module, args, output) -> None:  # returns None: the output passes unchanged
+            captured["h"] = output.last_hidden_state
+
+        handle = _core(self.model).model.register_forward_hook(keep_hidden)
+        try:
+            self.model(
+                input_ids=input_ids,
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+                image_grid_thw=grids,
+                mm_token_type_ids=batch.get("mm_token_type_ids", (input_ids == self.image_token_id).long()),
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+                use_cache=False,
+            )
+        finally:
+            handle.remove()
+        return captured["h"]
 
     def logprobs(
         self,

@@ -4,9 +4,10 @@
                            sampling=dict(temperature=1.0, max_new_tokens=256), max_total_tokens=4096)
     trajectories = engine.rollout(tasks, n=8, seed=0)      # len == len(tasks) * 8
 
-Each turn makes one batched generation call for all live episodes; the env steps of that turn
-run concurrently on a thread pool (the sandbox is one shared worker pool, so tool executions of
-different episodes overlap each other and the CPU-side rendering). Sampled ids are appended
+Each turn makes one batched generation call for all live episodes. As soon as a row's turn is
+complete (its stop token, while longer rows are still being generated) its env step starts on a
+thread pool, so sandbox executions overlap the rest of the generation and each other (the
+sandbox is one shared worker pool); the next turn's call waits for every step of this one. Sampled ids are appended
 verbatim; each env reply adds only its template delta (agents.conversation). An episode ends
 when the env ends it (answer, malformed turn, turn limit) or when the next env reply would not
 fit in `max_total_tokens`: a reply with an image is appended whole or not at all, and the env
@@ -42,6 +43,7 @@ class _Episode:
     index: int = 0  # position in this rollout
     action: str = ""
     turn_rewards: list[float] = field(default_factory=list)
+    turn_ops: list[list[str]] = field(default_factory=list)
     num_tool_calls: int = 0
     done: bool = False
     truncation: str = ""
@@ -58,6 +60,10 @@ class RolloutEngine:
     sampling: a `SamplingParams` or dict (temperature, top_p, top_k, max_new_tokens).
     max_total_tokens: the budget of one episode's whole token sequence (prompt included).
     step_workers: threads that step envs concurrently (default: 2 per sandbox worker).
+
+    After each rollout `last_timings` holds generate_s (the generate calls, with the env steps
+    that overlapped them), step_s (waiting for env steps after them), turns, env_steps, total_s
+    and overhead_per_turn_s ((total - generate) / turns).
     """
 
     def __init__(
@@ -144,7 +150,16 @@ class RolloutEngine:
         turn = 0
         while live := [ep for ep in episodes if not ep.done]:
             t0 = time.perf_counter()
-            results = self.backend.generate(
+            steps: list = []
+
+            def on_finish(i: int, result, live=live, steps=steps) -> None:
+                # A row's turn is complete: step its env now, while the batch may still be generating.
+                ep = live[i]
+                ep.state.append_sampled(result.token_ids, result.logprobs)
+                ep.action = self._action_text(result.token_ids)
+                steps.append(self._pool.submit(self._step, ep))
+
+            self.backend.generate(
                 [
                     GenerationRequest(ep.state.token_ids, ep.state.images, list(ep.state.pixel_values),
                                       ep.state.image_grid_thw, self.max_total_tokens - len(ep.state),
@@ -153,14 +168,17 @@ class RolloutEngine:
                 ],
                 self.sampling,
                 seed=seed * 100_003 + turn,
+                on_finish=on_finish,
             )
             generate_s = time.perf_counter() - t0
-            for ep, result in zip(live, results):
-                ep.state.append_sampled(result.token_ids, result.logprobs)
-                ep.action = self._action_text(result.token_ids)
-                ep.timings["generate_s"] += generate_s
+            if len(steps) != len(live):
+                raise RuntimeError(f"the backend reported {len(steps)} finished turns for {len(live)} requests: "
+                                   "a backend must call on_finish exactly once per request")
             t1 = time.perf_counter()
-            list(self._pool.map(self._step, live))
+            for step in steps:
+                step.result()  # re-raises an env error here
+            for ep in live:
+                ep.timings["generate_s"] += generate_s
             totals["step_s"] += time.perf_counter() - t1
             totals["generate_s"] += generate_s
             totals["turns"] += 1
@@ -209,6 +227,7 @@ class RolloutEngine:
         _, reward, terminated, truncated, info = ep.env.step(ep.action)
         ep.timings["env_s"] += time.perf_counter() - t0
         ep.turn_rewards.append(float(reward))
+        ep.turn_ops.append(list(info.get("ops", [])))
         ep.num_tool_calls += "tool_ok" in info
         if terminated or truncated:
             ep.info = info
@@ -263,5 +282,8 @@ class RolloutEngine:
             temperature=self.sampling.logprob_temperature,
             sample_index=ep.sample_index,
             answer=ep.info.get("answer"),
+            used_ops=list(ep.info.get("used_ops", [])),
+            num_failed_calls=int(ep.info.get("n_failed", 0)),
+            turn_ops=list(ep.turn_ops),
             timings=dict(ep.timings),
         )

@@ -31,6 +31,8 @@ class Trajectory:
     total-token budget ("token_budget"), named in `truncation`.
     temperature: the sampling temperature (log-probs are of the temperature-scaled distribution;
     1.0 for greedy decoding).
+    used_ops / num_failed_calls / turn_ops: what the env saw the code do (`info["used_ops"]`,
+    `info["n_failed"]`, each step's `info["ops"]`), for tool metrics and the viewer.
     """
 
     task_id: str
@@ -56,6 +58,9 @@ class Trajectory:
     temperature: float = 1.0
     sample_index: int = 0
     answer: str | None = None
+    used_ops: list[str] = field(default_factory=list)  # ops of the episode's successful executions
+    num_failed_calls: int = 0  # tool calls that failed (bad code, timeouts, malformed calls)
+    turn_ops: list[list[str]] = field(default_factory=list)  # turn i's detected ops ([] for answers/failures)
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -75,7 +80,8 @@ class Trajectory:
     def from_json(cls, data: dict[str, Any], base_dir: str | os.PathLike = ".") -> "Trajectory":
         """Inverse of `to_json`; image paths are read relative to `base_dir`."""
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data) - {"pixel_values", "temperature", "sample_index", "answer", "timings"})
+        missing = sorted(names - set(data) - {"pixel_values", "temperature", "sample_index", "answer", "timings",
+                                        "used_ops", "num_failed_calls", "turn_ops"})
         if missing:
             raise ValueError(f"trajectory record is missing field(s) {missing}: was it written by write_jsonl?")
         kwargs = {k: v for k, v in data.items() if k in names and k not in ("images", "pixel_values")}

@@ -30,7 +30,8 @@ import os
 from typing import Any, Sequence
 
 from agents.conversation import image_token_spans
-from agents.generation import STOP_TOKENS, GenerationRequest, GenerationResult, SamplingParams, stop_token_ids
+from agents.generation import (STOP_TOKENS, GenerationRequest, GenerationResult, OnFinish, SamplingParams,
+                               stop_token_ids)
 
 SUPPRESS_BIAS = -100.0  # vLLM's logit bias range is [-100, 100]; exp(-100) is 0 in float32 softmax
 
@@ -87,7 +88,9 @@ class VLLMBackend:
         )
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams,
-                 seed: int | None = None) -> list[GenerationResult]:
+                 seed: int | None = None, on_finish: OnFinish | None = None) -> list[GenerationResult]:
+        """Sample all requests in one `LLM.generate` call (on_finish runs after it: vLLM's offline
+        API returns all completions together)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         if not requests:
@@ -127,6 +130,8 @@ class VLLMBackend:
                 raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(ids)} tokens")
             reason = "stop" if ids and ids[-1] in self.stop_ids else "length"
             results.append(GenerationResult(ids, logprobs, reason))
+            if on_finish is not None:
+                on_finish(len(results) - 1, results[-1])
         return results
 
     def update_weights(self, model) -> None:

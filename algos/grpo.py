@@ -19,6 +19,7 @@ rank 0 logs. Configuration: `conf/grpo.yaml` (every key commented) and `algos/co
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from algos.train_step import (
     gather_lists,
     mean_metrics,
     rollout_metrics,
+    sample_table,
     update_step,
     validation_metrics,
 )
@@ -78,7 +80,7 @@ def group_reward_terms(trajectories: Sequence[Trajectory], reward_cfg: RewardCon
     for members in groups.values():
         episodes = [
             {"correct": trajectories[i].success, "n_calls": trajectories[i].num_tool_calls,
-             "n_failed": getattr(trajectories[i], "num_failed_calls", 0)}
+             "n_failed": trajectories[i].num_failed_calls}
             for i in members
         ]
         for i, value in zip(members, apply_necessity(episodes, reward_cfg)):
@@ -154,7 +156,18 @@ def score_trajectories(policy: Policy, trajectories: Sequence[Trajectory], micro
     return out
 
 
-def _pad_rows(rows: Sequence[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+def _logprobs_where(policy: Policy, trajectories: Sequence[Trajectory], which: Sequence[bool],
+                    micro_batch_size: int, reference: Policy | None = None) -> list[torch.Tensor | None]:
+    """`score_trajectories` for the trajectories where `which` is true; None elsewhere."""
+    chosen = [i for i, wanted in enumerate(which) if wanted]
+    out: list[torch.Tensor | None] = [None] * len(trajectories)
+    for i, logprobs in zip(chosen, score_trajectories(policy, [trajectories[i] for i in chosen],
+                                                      micro_batch_size, reference)):
+        out[i] = logprobs
+    return out
+
+
+def _pad_rows(rows: Sequence[torch.Tensor], width: int, device: torch.device | str) -> torch.Tensor:
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     for b, row in enumerate(rows):
         out[b, :len(row)] = row
@@ -206,7 +219,8 @@ def grpo_update(
             batch["ref_logprobs"] = _pad_rows([ref_logprobs[i] for i in indices], width, device)
         return batch
 
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_fn(micro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = micro_batch(micro["indices"])  # collated here: one micro-batch in memory at a time
         logprobs_BT, entropy_BT = policy.logprobs(batch)
         mask_BT = batch["loss_mask"]
         pg_loss, pg_metrics = policy_loss(
@@ -215,8 +229,7 @@ def grpo_update(
             clip_ratio_c=algo.clip_ratio_c, agg=algo.loss_agg, max_len=max_len,
         )
         loss = pg_loss
-        metrics = {"pg_loss": pg_loss.detach(), "clipfrac": pg_metrics["clipfrac"],
-                   "approx_kl": pg_metrics["approx_kl"], "ratio_max": pg_metrics["ratio_max"]}
+        metrics = {"pg_loss": pg_loss.detach(), "clipfrac": pg_metrics["clipfrac"], "approx_kl": pg_metrics["approx_kl"]}
         if kl_in_loss:
             kl_BT = kl_penalty(logprobs_BT, batch["ref_logprobs"], algo.kl.kind)
             loss = loss + algo.kl.coef * aggregate(kl_BT, mask_BT, algo.loss_agg, max_len)
@@ -227,6 +240,7 @@ def grpo_update(
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+    metric_names = ["loss", "pg_loss", "clipfrac", "approx_kl", "entropy"] + (["kl"] if kl_in_loss else [])
     params = list(policy.parameters())
     policy.train()
     per_update: list[dict[str, float]] = []
@@ -236,10 +250,13 @@ def grpo_update(
         ordered = [group_lists[g] for g in order]
         for start in range(0, max(1, len(ordered)), prompts_per_update):
             members = [i for group in ordered[start:start + prompts_per_update] for i in group if keep[i]]
-            micro_batches = [micro_batch(members[k:k + algo.micro_batch_size])
-                             for k in range(0, len(members), algo.micro_batch_size)]
-            stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler,
-                                grad_clip=algo.grad_clip, agg=algo.loss_agg)
+            micro_batches = []
+            for k in range(0, len(members), algo.micro_batch_size):
+                indices = members[k:k + algo.micro_batch_size]
+                masks = [torch.tensor(trajectories[i].loss_mask, dtype=torch.float32) for i in indices]
+                micro_batches.append({"indices": indices, "loss_mask": _pad_rows(masks, max(map(len, masks)), "cpu")})
+            stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=algo.grad_clip,
+                                agg=algo.loss_agg, metric_names=metric_names)
             if stats is not None:
                 per_update.append(stats)
     if not per_update:
@@ -276,18 +293,24 @@ def load_policy(cfg: GRPOConfig, device: torch.device, trainable: bool = True) -
     return policy
 
 
+def _check_vllm() -> None:
+    from agents.vllm_backend import vllm_available
+
+    if not vllm_available():
+        raise RuntimeError(
+            "rollout.backend=vllm needs the vllm package and a CUDA GPU: pip install -e '.[vllm]' on a GPU machine, "
+            "or sample with transformers: rollout.backend=hf"
+        )
+
+
 def _generator(policy: Policy, cfg: GRPOConfig):
     """What samples the rollouts: the policy itself (hf) or a vLLM engine fed its weights."""
     if cfg.rollout.backend == "hf":
         return policy
-    try:
-        from agents.vllm_backend import VLLMBackend
-    except ImportError as err:
-        raise RuntimeError(
-            f"rollout.backend=vllm needs agents.vllm_backend and the vllm package ({err}); install the [vllm] "
-            "extra on a GPU machine, or use rollout.backend=hf"
-        ) from err
+    from agents.vllm_backend import VLLMBackend
+
     return VLLMBackend(policy, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                       max_model_len=cfg.rollout.max_total_tokens,
                        tensor_parallel_size=cfg.rollout.tensor_parallel_size)
 
 
@@ -301,27 +324,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _transcript(policy: Policy, trajectory: Trajectory, max_chars: int = 4000) -> str:
-    """The trajectory's text after the prompt, image placeholders left out."""
-    ids = [i for i in trajectory.token_ids[trajectory.prompt_length:] if i != policy.image_token_id]
-    text = policy.tokenizer.decode(ids, skip_special_tokens=False)
-    return text if len(text) <= max_chars else text[:max_chars] + " ..."
-
-
-def _sample_table(policy: Policy, trajectories: Sequence[Trajectory], rewards: Sequence[float],
-                  advantages_G: torch.Tensor, rows: int) -> tuple[list[dict], list[list]]:
-    table, images = [], []
-    for i, t in enumerate(trajectories[:rows]):
-        table.append({
-            "task_id": t.task_id, "category": t.category, "reward": float(rewards[i]),
-            "advantage": float(advantages_G[i]), "success": bool(t.success), "answer": t.answer,
-            "turns": t.num_turns, "tool_calls": t.num_tool_calls, "truncated": t.truncation or "no",
-            "transcript": _transcript(policy, t),
-        })
-        images.append(list(t.images))
-    return table, images
 
 
 def _validate(engine: RolloutEngine, val_tasks: list, chunk: int, seed: int) -> dict[str, float]:
@@ -348,10 +350,14 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("algo.mini_batch_size", a.mini_batch_size)):
         if value % world:
             raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
+    if r.backend == "vllm":
+        _check_vllm()  # fail before loading the weights, not after
     output_dir = Path(t.output_dir)
     _seed_everything(t.seed + rank)
 
     # ---- policy, reference, optimizer -------------------------------------------------------
+    # Each rank holds a full replica and gradients are averaged in `update_step`: Policy.logprobs
+    # calls the decoder below the model's root module, which DDP's and FSDP2's hooks would miss.
     policy = load_policy(cfg, dist_info.device)
     reference = None
     if a.kl.coef > 0:
@@ -373,25 +379,31 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
         state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
         start_step, resumed_from = state.step, state.path
         sampler.load_state_dict(state.data_state)
-    tracker = Tracker(cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
-                      resume_step=start_step if checkpoint is not None else None)
-    if resumed_from is not None and is_main():
-        print(f"resuming from {resumed_from} (step {start_step})", flush=True)
-
-    # ---- rollout engines (one sandbox pool shared by training and validation) -----------------
-    sandbox = Sandbox(**cfg.env.sandbox.to_kwargs())
-    generator = _generator(policy, cfg)
-    engine_kwargs = dict(sandbox=sandbox, env_kwargs=_env_kwargs(cfg), max_total_tokens=r.max_total_tokens)
-    engine = RolloutEngine(generator, sampling=dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                                    max_new_tokens=r.max_new_tokens), **engine_kwargs)
-    val_engine = RolloutEngine(generator, sampling=dict(temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k,
-                                                        max_new_tokens=r.max_new_tokens), **engine_kwargs)
-    val_chunk = max(1, r.prompts_per_step * r.n // world)
-    reward_cfg = cfg.reward_config()
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resumed_from) if resumed_from else None}
-    last_metrics: dict[str, float] = {}
-    step = start_step
+    cleanup = contextlib.ExitStack()  # closes whatever was opened, however the run ends
     try:
+        tracker = cleanup.enter_context(Tracker(
+            cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
+            resume_step=start_step if checkpoint is not None else None))
+        if resumed_from is not None and is_main():
+            print(f"resuming from {resumed_from} (step {start_step})", flush=True)
+
+        # ---- rollout engines (one sandbox pool shared by training and validation) -----------------
+        sandbox = cleanup.enter_context(Sandbox(**cfg.env.sandbox.to_kwargs()))
+        generator = _generator(policy, cfg)
+        engine_kwargs = dict(sandbox=sandbox, env_kwargs=_env_kwargs(cfg), max_total_tokens=r.max_total_tokens)
+        engine = cleanup.enter_context(RolloutEngine(
+            generator, sampling=dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
+        val_engine = cleanup.enter_context(RolloutEngine(
+            generator, sampling=dict(temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k,
+                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
+        if checkpoint is not None:
+            engine.update_weights(policy.model)  # a separate generator (vLLM) starts from model.path's weights
+        val_chunk = max(1, r.prompts_per_step * r.n // world)
+        reward_cfg = cfg.reward_config()
+        summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resumed_from) if resumed_from else None}
+        last_metrics: dict[str, float] = {}
+        step = start_step
         if t.val_before_train and start_step == 0 and val_tasks:
             val_metrics = _validate(val_engine, val_tasks, val_chunk, seed=t.seed)
             tracker.log(val_metrics, step=0)
@@ -407,6 +419,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             prompts = [train_tasks[i] for i in mine]
             group_ids = [f"step{step}-prompt{rank + k * world}" for k in range(len(prompts))]
             trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
+            # step_s: waiting for env steps (the sandbox) once generation is done; not the overlapped part.
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
             # 3. group terms, then which trajectories enter the loss
@@ -417,27 +430,21 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
 
             # 4. reference log-probs (KL), then advantages
             update_start = time.perf_counter()
-            scored = [i for i, tr in enumerate(trajectories) if keep[i] or (reference is not None and not a.kl.in_loss)]
-            ref_logprobs: list[torch.Tensor | None] | None = None
+            # KL in the reward shapes every trajectory's advantage; in the loss only those trained on.
+            scored = [k or (reference is not None and not a.kl.in_loss) for k in keep]
+            ref_logprobs = old_logprobs = None
             if reference is not None:
-                ref_logprobs = [None] * len(trajectories)
-                for i, lp in zip(scored, score_trajectories(policy, [trajectories[i] for i in scored],
-                                                            a.micro_batch_size, reference)):
-                    ref_logprobs[i] = lp
-            old_logprobs = None
+                ref_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size, reference)
             if r.backend != "hf":
                 # Another engine's log-probs differ from the trainer's numerics: the ratio must start at 1.
-                old_logprobs = [torch.zeros(len(tr.token_ids)) for tr in trajectories]
-                for i, lp in zip(scored, score_trajectories(policy, [trajectories[i] for i in scored],
-                                                            a.micro_batch_size)):
-                    old_logprobs[i] = lp
-            kl_reward_G = torch.zeros_like(rewards_G)
+                old_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size)
+            kl_G = torch.zeros_like(rewards_G)  # KL summed over each trajectory's sampled tokens
             if reference is not None and not a.kl.in_loss:
                 for i, tr in enumerate(trajectories):
                     sampled = torch.tensor(tr.loss_mask, dtype=torch.bool)
-                    sampler_lp = torch.tensor(tr.sampler_logprobs, dtype=torch.float32)
-                    kl_reward_G[i] = kl_penalty(sampler_lp[sampled], ref_logprobs[i][sampled], a.kl.kind).sum()
-            advantages_G = compute_advantages(rewards_G - a.kl.coef * kl_reward_G, trajectories, a.advantage_estimator)
+                    behaviour = old_logprobs[i] if old_logprobs else torch.tensor(tr.sampler_logprobs)
+                    kl_G[i] = kl_penalty(behaviour[sampled], ref_logprobs[i][sampled], a.kl.kind).sum()
+            advantages_G = compute_advantages(rewards_G - a.kl.coef * kl_G, trajectories, a.advantage_estimator)
 
             # 5. the clipped-surrogate updates
             actor_metrics = grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, keep, cfg,
@@ -467,10 +474,11 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             if reward_cfg.beta > 0:
                 metrics["reward/necessity"] = sum(gather_lists(adjustments)) / len(summaries) / reward_cfg.beta
             if reference is not None and not a.kl.in_loss:
-                metrics["actor/kl"] = float(all_reduce_mean({"kl": float(kl_reward_G.mean())})["kl"])
+                kl_per_token = float(kl_G.sum()) / max(1, sum(tr.num_sampled_tokens for tr in trajectories))
+                metrics["actor/kl"] = all_reduce_mean({"kl": kl_per_token})["kl"]
             if t.sample_table_every and step % t.sample_table_every == 0 and is_main():
-                rows, images = _sample_table(policy, trajectories, rewards_G.tolist(), advantages_G,
-                                             t.sample_table_rows)
+                rows, images = sample_table(policy.tokenizer, policy.image_token_id, trajectories,
+                                            rewards_G.tolist(), advantages_G.tolist(), t.sample_table_rows)
                 tracker.log_table("samples/train", rows, images, step=step)
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
                 val_start = time.perf_counter()
@@ -483,10 +491,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                                 data_state=sampler.state_dict(), extra={"config": config_to_dict(cfg)},
                                 keep_last=t.keep_last)
     finally:
-        tracker.finish()
-        engine.close()
-        val_engine.close()
-        sandbox.close()
+        cleanup.close()
 
     checkpoints = list_checkpoints(output_dir)
     summary.update(
@@ -510,7 +515,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"  last figures:  {shown or 'none'}",
         f"  run folder:    {summary['output_dir']}",
         f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
-        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (run the same command again to continue: trainer.resume=auto)",
+        f"  samples:       {summary['output_dir']}/tables/ (trajectories with their images)",
+        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (the same command resumes from it; raise trainer.total_steps to train on)",
         f"  W&B:           {summary['wandb_mode']}" + (f" (files in {summary['output_dir']}/wandb; `wandb sync` uploads)"
                                                      if summary["wandb_mode"] == "offline" else ""),
     ]

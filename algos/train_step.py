@@ -39,6 +39,7 @@ __all__ = [
     "validation_metrics",
     "mean_metrics",
     "gather_lists",
+    "sample_table",
 ]
 
 
@@ -148,29 +149,48 @@ def loss_weight(mask_BT: Tensor, agg: str) -> float:
     return float(mask_BT.any(dim=1).sum())
 
 
+def _device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL moves CUDA tensors only
+
+
 def _global_sum(value: float) -> float:
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64,
-                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor)
     return float(tensor.item())
 
 
-def all_reduce_gradients(params: Sequence[Tensor]) -> None:
+def all_reduce_gradients(params: Sequence[Tensor], bucket_bytes: int = 256 * 2**20) -> None:
     """Average gradients over data-parallel ranks (a parameter without a gradient counts as 0).
 
     For models that are not wrapped in DDP/FSDP (whose hooks already reduce): every rank must
-    call it with the same parameters in the same order. No-op in one process.
+    call it with the same parameters in the same order. Gradients travel in flat buckets of
+    about `bucket_bytes` (one collective per bucket, not per tensor). No-op in one process.
     """
     if not is_distributed():
         return
     world = get_world_size()
+    grads = []
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad)
-        param.grad.div_(world)
+        grads.append(param.grad)
+    buckets: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[]])
+    for grad in grads:
+        bucket = buckets[(grad.dtype, grad.device)]
+        if bucket[-1] and sum(g.numel() * g.element_size() for g in bucket[-1]) >= bucket_bytes:
+            bucket.append([])
+        bucket[-1].append(grad)
+    for bucket_list in buckets.values():
+        for bucket in bucket_list:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
 
 
 def update_step(
@@ -182,19 +202,25 @@ def update_step(
     grad_clip: float,
     agg: str,
     sync_gradients: bool = True,
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, float] | None:
     """One optimizer step over a mini-batch given as micro-batches; call on every rank together.
 
     Args:
-        micro_batches: collated micro-batches; each has a "loss_mask" [B, T] (1 at tokens in the
-            loss). A rank may pass none (its share of the mini-batch was filtered out): it then
-            contributes a zero gradient.
+        micro_batches: one mapping per micro-batch with its "loss_mask" [B, T] (1 at tokens in
+            the loss), which sets the accumulation weights before any forward pass; anything else
+            in it is for `loss_fn` (the collated tensors, or what to collate them from). A rank may
+            pass none (its share of the mini-batch was filtered out): it then contributes a zero
+            gradient.
         loss_fn: micro-batch -> (loss aggregated over that micro-batch with `agg`, metrics as
             0-dim tensors).
         params: the trainable parameters (gradient clipping and, with `sync_gradients`, averaging).
         grad_clip: max global gradient norm.
         agg: the loss aggregation mode `loss_fn` uses (decides the accumulation weights).
         sync_gradients: average gradients over ranks here (models not wrapped in DDP/FSDP).
+        metric_names: the names `loss_fn` reports; given, the metrics are averaged over every
+            rank's micro-batches (a rank without loss tokens reports none of its own). Needed
+            under data parallelism so every rank returns the same names.
 
     Returns:
         Metrics averaged over the mini-batch with the same weights as the loss, plus
@@ -227,7 +253,13 @@ def update_step(
     # A non-finite gradient skips the step (it would destroy the weights); the caller sees it in grad_norm.
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    out = {name: value / local_total for name, value in sums.items()} if local_total else {}
+    names = sorted(sums) if metric_names is None else list(metric_names)
+    totals = [sums[name] for name in names] + [local_total]
+    if metric_names is not None and is_distributed():
+        reduced = torch.tensor(totals, dtype=torch.float64, device=_device())
+        dist.all_reduce(reduced)
+        totals = reduced.tolist()
+    out = {name: value / totals[-1] for name, value in zip(names, totals)} if totals[-1] else {}
     out.update(grad_norm=float(grad_norm), lr=float(lr))
     return out
 
@@ -276,12 +308,9 @@ def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, A
         "num_turns": int(trajectory.num_turns),
         "response_length": int(trajectory.num_sampled_tokens),
         "truncated": bool(trajectory.truncated),
+        "num_failed_calls": int(trajectory.num_failed_calls),
+        "used_ops": sorted(set(trajectory.used_ops)),
     }
-    # Reported by trajectories that carry them (agents.rollout may not, in older versions).
-    if hasattr(trajectory, "num_failed_calls"):
-        summary["num_failed_calls"] = int(trajectory.num_failed_calls)
-    if hasattr(trajectory, "used_ops"):
-        summary["used_ops"] = sorted(set(trajectory.used_ops))
     return summary
 
 
@@ -300,15 +329,13 @@ def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     out.update({f"reward/{name}": total / n for name, total in components.items()})
     calls = sum(s["num_tool_calls"] for s in summaries)
     out["tool/calls_per_episode"] = calls / n
-    if all("num_failed_calls" in s for s in summaries):
-        failed = sum(s["num_failed_calls"] for s in summaries)
-        out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
-    if all("used_ops" in s for s in summaries):
-        op_counts: dict[str, int] = defaultdict(int)
-        for s in summaries:
-            for op in s["used_ops"]:
-                op_counts[op] += 1
-        out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
+    failed = sum(s["num_failed_calls"] for s in summaries)
+    out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
+    op_counts: dict[str, int] = defaultdict(int)
+    for s in summaries:
+        for op in s["used_ops"]:
+            op_counts[op] += 1
+    out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
     out["episode/turns"] = sum(s["num_turns"] for s in summaries) / n
     out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
     out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
@@ -332,3 +359,21 @@ def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, floa
     }
     out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
     return out
+
+
+def sample_table(tokenizer: Any, image_token_id: int, trajectories: Sequence[Any], rewards: Sequence[float],
+                 advantages: Sequence[float], rows: int, max_chars: int = 4000) -> tuple[list[dict], list[list]]:
+    """Rows and images of a `Tracker.log_table` of the first `rows` trajectories: task, reward,
+    advantage, outcome, and the transcript after the prompt (image placeholders left out)."""
+    table, images = [], []
+    for i, t in enumerate(trajectories[:rows]):
+        ids = [token for token in t.token_ids[t.prompt_length:] if token != image_token_id]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        table.append({
+            "task_id": t.task_id, "category": t.category, "reward": float(rewards[i]),
+            "advantage": float(advantages[i]), "success": bool(t.success), "answer": t.answer,
+            "turns": t.num_turns, "tool_calls": t.num_tool_calls, "truncated": t.truncation or "no",
+            "transcript": text if len(text) <= max_chars else text[:max_chars] + " ...",
+        })
+        images.append(list(t.images))
+    return table, images

@@ -119,7 +119,11 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2_5_vl")
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a busy shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"{args.workers} sandbox workers, batch {args.batch}")
     source = load_tasks("synthetic", split="train")

@@ -115,6 +115,20 @@ def test_tiny_run_trains_logs_checkpoints_and_resumes(tmp_path, capsys):
     assert adam_steps == {6.0}  # 3 steps x 2 mini-batches: the resumed optimizer kept counting
 
 
+@pytest.mark.slow  # five more tiny steps: ~10 s idle, a minute on a loaded box
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    """Weights, optimizer, RNG and data position all come back: step 3 after a resume at step 2
+    logs the very figures of step 3 of a run that was never stopped."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(load_config(TINY_RUN + ["trainer.total_steps=3", f"trainer.output_dir={straight}"]))
+    run(load_config(TINY_RUN + ["trainer.total_steps=2", f"trainer.output_dir={resumed}"]))
+    run(load_config(TINY_RUN + ["trainer.total_steps=3", f"trainer.output_dir={resumed}"]))
+    a, b = read_metrics(straight / "metrics.jsonl")[-1], read_metrics(resumed / "metrics.jsonl")[-1]
+    compared = [k for k in a if k.startswith(("reward/", "actor/", "episode/", "val/", "tool/"))]
+    assert len(compared) > 20
+    assert {k: a[k] for k in compared} == {k: b[k] for k in compared}
+
+
 def test_tiny_run_with_lora_trains_only_the_adapter(tmp_path):
     out = tmp_path / "lora"
     run(load_config(TINY_RUN + [
@@ -335,18 +349,24 @@ summary = grpo.run(load_config(sys.argv[2:] + [f"trainer.output_dir={out}"]))
 '''
 
 
-def test_two_gloo_ranks_train_identical_replicas_on_different_prompts(tmp_path):
+def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_path):
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as probe:  # a free port for the rendezvous (torchrun cannot take 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    overrides = [o for o in TINY_RUN if not o.startswith(("algo.mini_batch_size", "trainer.val_size"))]
-    overrides += ["algo.mini_batch_size=2", "trainer.val_size=2", "trainer.total_steps=1",
-                  "trainer.val_before_train=false", "trainer.sample_table_every=0"]
+    replaced = ("algo.mini_batch_size", "trainer.sample_table_every")
+    overrides = [o for o in TINY_RUN if not o.startswith(replaced)]
+    overrides += ["algo.mini_batch_size=2", "trainer.total_steps=1", "trainer.val_before_train=false",
+                  "trainer.sample_table_every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
          str(tmp_path / "run"), *overrides],
         capture_output=True, text=True, timeout=240, env=env,
     )
@@ -359,3 +379,67 @@ def test_two_gloo_ranks_train_identical_replicas_on_different_prompts(tmp_path):
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # and they did train
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]  # rank 0 logged both ranks' episodes
     assert record["step"] == 1 and "val/acc" in record and record["data/trajectories_in_loss"] == 4
+
+
+def test_tiny_run_with_kl_in_reward_dynamic_sampling_and_necessity(tmp_path):
+    out = tmp_path / "variants"
+    run(load_config(TINY_RUN + [
+        "trainer.total_steps=1", "trainer.val_before_train=false", "trainer.val_every=0",
+        "algo.kl.in_loss=false", "algo.kl.kind=k1", "algo.dynamic_sampling=true", "algo.ppo_epochs=2",
+        "algo.loss_agg=seq-mean-token-sum-norm", "algo.advantage_estimator=rloo", "reward.beta=0.5",
+        f"trainer.output_dir={out}",
+    ]))
+    record = read_metrics(out / "metrics.jsonl")[-1]
+    assert "reward/necessity" in record and math.isfinite(record["actor/kl"])
+    # Dynamic sampling drops the groups whose rewards are all equal: what is left is in the loss.
+    assert 0 <= record["data/trajectories_in_loss"] <= 4
+    assert record["data/updates"] <= 4  # 2 epochs x 2 mini-batches, fewer when groups were dropped
+
+
+# --------------------------------------------------------------------------------------------
+# The command line, killed and resumed
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two interpreter starts of torch + transformers: ~20-30 s on a loaded 2-core box
+def test_cli_run_killed_mid_way_resumes_without_repeating_or_losing_steps(tmp_path):
+    """`python -m algos.grpo +exp=tiny`, SIGKILLed after step 1's checkpoint, then the same
+    command again: it continues at step 2 with the next prompts, and metrics.jsonl holds each
+    step exactly once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "algos.grpo", *TINY_RUN, "trainer.total_steps=3", f"trainer.output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file():
+            assert process.poll() is None, f"the run ended before step 1: {process.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint of step 1 within 180 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout and "GRPO finished at step 3" in done.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["data_state"]["position"] == 6  # 3 steps x 2 prompts: none skipped, none drawn twice
+    assert (out / ".hydra" / "config.yaml").is_file()  # Hydra wrote the composed config beside the run
+
+
+def test_tool_success_and_op_frequencies():
+    with_ops = dataclasses.replace(_traj("x", 1.0, calls=3), num_failed_calls=1, used_ops=["rotate_90", "crop"])
+    without = dataclasses.replace(_traj("x", 1.0, calls=1), num_failed_calls=0, used_ops=["crop"])
+    m = rollout_metrics([episode_summary(with_ops), episode_summary(without)])
+    assert m["tool/exec_success"] == 0.75  # 3 of 4 calls ran
+    assert m["tool/op/crop"] == 1.0 and m["tool/op/rotate_90"] == 0.5  # share of episodes

@@ -63,21 +63,41 @@ def test_equals_full_logits_within_1e5(chunk_size, temperature):
     assert torch.allclose(ent, ref_ent, atol=1e-5, rtol=0)
 
 
-def test_gradients_equal_full_logits():
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_gradients_equal_full_logits(temperature):
     torch.manual_seed(1)
     B, T, H, V = 2, 20, 16, 300
     hidden = torch.randn(B, T, H, requires_grad=True)
     weight = (torch.randn(V, H) / 4).requires_grad_()
+    bias = torch.randn(V).requires_grad_()
     ids = torch.randint(0, V, (B, T))
+    ids[0, 3] = 0  # a suppressed target: its (constant floor) log-prob sends no gradient anywhere
     coeff = torch.randn(B, T)
-    lp, ent = sequence_logprobs(hidden, ids, weight, chunk_size=6, suppressed_ids=[0])
-    ((lp * coeff).sum() + 0.1 * ent.sum()).backward()
-    grads = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-    ref_lp, ref_ent = naive_sequence_logprobs(hidden @ weight.T, ids, suppressed_ids=[0])
-    ((ref_lp * coeff).sum() + 0.1 * ref_ent.sum()).backward()
-    assert torch.allclose(grads[0], hidden.grad, atol=1e-5)
-    assert torch.allclose(grads[1], weight.grad, atol=1e-5)
+    lp, ent = sequence_logprobs(hidden, ids, weight, bias, chunk_size=6, suppressed_ids=[0, 7],
+                                temperature=temperature)
+    ((lp * coeff).sum() + 0.3 * (ent * coeff).sum()).backward()
+    grads = hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()
+    hidden.grad = weight.grad = bias.grad = None
+    ref_lp, ref_ent = naive_sequence_logprobs(hidden @ weight.T + bias, ids, suppressed_ids=[0, 7],
+                                              temperature=temperature)
+    ref_lp = torch.where(torch.isinf(ref_lp), torch.zeros_like(ref_lp), ref_lp)
+    ((ref_lp * coeff).sum() + 0.3 * (ref_ent * coeff).sum()).backward()
+    for ours, reference in zip(grads, (hidden.grad, weight.grad, bias.grad)):
+        assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_bfloat16_head_runs_forward_and_backward():
+    torch.manual_seed(2)
+    hidden = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    lp, ent = token_logprobs(hidden, targets, weight, chunk_size=4)
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    ref = torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(lp, ref, atol=1e-5)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(weight.grad.float()).all()
 
 
 def test_bad_inputs_are_explained():

@@ -14,7 +14,7 @@ from agents.collect import collect  # noqa: E402
 from agents.generation import HFBackend, SamplingParams, ScriptedBackend  # noqa: E402
 from agents.policy import Policy  # noqa: E402
 from agents.rollout import RolloutEngine, Trajectory, read_jsonl, write_jsonl  # noqa: E402
-from agents.scripted import OracleAgent, ideal_reward, play_episode, tool_call_turn  # noqa: E402
+from agents.scripted import OracleAgent, ideal_reward, play_episode  # noqa: E402
 from agents.tiny import FAMILIES  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
@@ -22,7 +22,9 @@ from cv_env.tasks import load_tasks  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 ENV = dict(max_turns=3, max_pixels=128 * 128)
-ROTATE = tool_call_turn("result = image.rotate(90, expand=True)", 0, "rotate", "Turn it.")
+# The shortest well-formed tool call (31 tokens): the forced turn fits max_new_tokens=32.
+ROTATE = '<tool_call>\n{"name": "code_image_tool", "arguments": {"code": "result = image.rotate(90, expand=True)"}}\n</tool_call>'
+
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +71,11 @@ class ForcedFirstTurnBackend(HFBackend):
         super().__init__(policy, logits_processors=[self.forcer])
         self.calls = 0
 
-    def generate(self, requests, sampling, seed=None):
+    def generate(self, requests, sampling, seed=None, on_finish=None):
         self.forcer.active = self.calls == 0
         self.forcer.width = max(len(r.token_ids) for r in requests)
         self.calls += 1
-        return super().generate(requests, sampling, seed)
+        return super().generate(requests, sampling, seed, on_finish)
 
 
 def _check_rewards(trajectory: Trajectory):
@@ -88,7 +90,7 @@ def _check_rewards(trajectory: Trajectory):
 
 def test_sampler_logprobs_equal_the_trainers_recomputation(policy, sandbox, tasks):
     engine = RolloutEngine(ForcedFirstTurnBackend(policy), sandbox=sandbox, env_kwargs=ENV,
-                           sampling=dict(temperature=1.0, top_p=0.9, max_new_tokens=56), max_total_tokens=4096)
+                           sampling=dict(temperature=1.0, top_p=0.9, max_new_tokens=32), max_total_tokens=4096)
     trajectories = engine.rollout(tasks[:2], n=2, seed=3)
     assert [t.group_id for t in trajectories] == [tasks[0].id] * 2 + [tasks[1].id] * 2
     assert [t.sample_index for t in trajectories] == [0, 1, 0, 1]
@@ -117,7 +119,7 @@ def test_greedy_rollouts_repeat_and_score_at_temperature_one(sandbox, tasks):
     runs = []
     for _ in range(2):
         engine = RolloutEngine(ForcedFirstTurnBackend(policy), sandbox=sandbox, env_kwargs=ENV,
-                               sampling=dict(temperature=0.0, max_new_tokens=56), max_total_tokens=4096)
+                               sampling=dict(temperature=0.0, max_new_tokens=32), max_total_tokens=4096)
         runs.append(engine.rollout(tasks[:1], n=2, seed=0))
         engine.close()
     first, second = runs
@@ -177,7 +179,7 @@ def _reset_messages(engine, task):
 def test_trajectories_round_trip_through_jsonl(sandbox, tasks, tmp_path):
     policy = Policy.load("tiny:qwen3_vl")
     engine = RolloutEngine(ForcedFirstTurnBackend(policy), sandbox=sandbox, env_kwargs=ENV,
-                           sampling=dict(temperature=1.0, max_new_tokens=56))
+                           sampling=dict(temperature=1.0, max_new_tokens=32))
     trajectories = engine.rollout(tasks[:2], n=1, group_ids=["g0", "g1"], seed=1)
     engine.close()
     path = write_jsonl(trajectories, tmp_path / "rollouts.jsonl")

@@ -1,0 +1,215 @@
+"""Typed configuration of `python -m algos.evaluate`: a Hydra structured config over `conf/evaluate.yaml`.
+
+`conf/evaluate.yaml` carries the values, each key with a one-line comment; the dataclasses here
+are the schema (struct mode: a misspelt key or a wrong type is an error that names the key) and
+`__post_init__` checks ranges. The `model`, `reward` and `logger` nodes are composed from the
+same groups as the trainers' (`conf/model/`, `conf/reward/`, `conf/logger/`).
+
+`model` also takes a spec directly: `model=tiny:qwen2_5_vl`, `model=/path/to/checkpoint`,
+`model=oracle` or `model=random` (scripted agents, no torch needed) name no file of
+`conf/model/`, so `normalize_overrides` turns them into `model.path=<spec>`.
+
+This module imports neither torch nor `algos.config`, so evaluating scripted agents needs only
+the environment's dependencies plus Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from cv_env.reward import RewardConfig
+
+__all__ = ["EvalConfig", "EvalModelConfig", "EvalLoggerConfig", "SCRIPTED_AGENTS", "normalize_overrides",
+           "load_eval_config", "to_eval_config", "eval_conf_dir"]
+
+SCRIPTED_AGENTS = ("oracle", "random")
+SCHEMA_NAME = "evaluate_schema"
+
+
+@dataclass
+class EvalModelConfig:
+    """What is evaluated: `path` is a scripted agent (oracle | random) or an `agents.loading` spec.
+
+    The other keys mirror the trainers' `model/` group so its presets compose here. `lora` (with
+    `enabled: true`) rebuilds the adapters a checkpoint was trained with; gradient_checkpointing and
+    freeze_vision are training-only and ignored.
+    """
+
+    path: str = "tiny:qwen2_5_vl"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    lora: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scripted(self) -> bool:
+        return self.path in SCRIPTED_AGENTS
+
+
+@dataclass
+class EvalSandboxConfig:
+    """Resources of the code sandbox (as the trainers' `env.sandbox`)."""
+
+    workers: int = 0
+    timeout_s: float = 10.0
+    memory_mb: int = 2048
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Arguments of `cv_env.sandbox.Sandbox`, with `workers=0` resolved to one per CPU core."""
+        return {"workers": self.workers or max(1, os.cpu_count() or 1), "timeout_s": self.timeout_s,
+                "memory_mb": self.memory_mb}
+
+
+@dataclass
+class EvalLoggerConfig:
+    """As the trainers' `logger` node (`algos.tracking.Tracker` reads these fields)."""
+
+    project: str = "codevision-gym"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"
+    metrics_jsonl: Optional[str] = "metrics.jsonl"
+    progress_bar: bool = True
+
+
+def _default_reward() -> dict[str, Any]:
+    return RewardConfig().to_dict()
+
+
+@dataclass
+class EvalConfig:
+    """Everything `python -m algos.evaluate` reads (see conf/evaluate.yaml for each key)."""
+
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    checkpoint: Optional[str] = None
+    tasks: str = "synthetic"
+    split: str = "test"
+    n: int = 64
+    seed: int = 0
+    robustness: bool = True
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    max_total_tokens: int = 16384
+    batch_size: int = 32
+    max_turns: int = 12
+    max_pixels: int = 1024 * 28 * 28
+    device: str = "auto"
+    oracle: bool = True
+    cases: int = 4
+    write_transcripts: bool = True
+    output_dir: str = "outputs/eval"
+    sandbox: EvalSandboxConfig = field(default_factory=EvalSandboxConfig)
+    logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
+    reward: dict[str, Any] = field(default_factory=_default_reward)
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"config {key}: {message}")
+
+        require(bool(self.model.path.strip()), "model.path",
+                "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
+        require(self.checkpoint is None or not self.model.scripted, "checkpoint",
+                f"a scripted agent ({self.model.path}) has no weights to load: drop checkpoint or set model")
+        require(self.checkpoint not in ("auto", "never", ""), "checkpoint",
+                f"{self.checkpoint!r} is not a path: give a checkpoints/step_<n>/ folder or a run folder, or null")
+        require(bool(self.tasks.strip()), "tasks", "is empty: give synthetic, a category or a .parquet path")
+        require(self.n >= 0, "n", f"must be >= 0 (0 = every task of the source), got {self.n}")
+        require(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        require(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        require(self.samples == 1 or self.temperature > 0 or self.model.scripted, "samples",
+                f"{self.samples} samples of greedy decoding would all be the same: set temperature > 0 "
+                "(e.g. temperature=1.0) or samples=1")
+        require(0 < self.top_p <= 1, "top_p", f"must lie in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.max_total_tokens >= self.max_new_tokens, "max_total_tokens",
+                f"{self.max_total_tokens} must be >= max_new_tokens ({self.max_new_tokens})")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
+        require(self.max_pixels >= 28 * 28, "max_pixels", f"must be >= 784 (one 28x28 patch), got {self.max_pixels}")
+        require(self.cases >= 0, "cases", f"must be >= 0 (0 = no viewer pages), got {self.cases}")
+        require(self.sandbox.workers >= 0, "sandbox.workers", f"must be >= 0 (0 = one per core), got {self.sandbox.workers}")
+        require(self.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+                f"{self.logger.mode!r} is not one of auto, online, offline, disabled")
+        require(bool(self.output_dir.strip()), "output_dir", "is empty")
+        try:
+            RewardConfig.from_dict(dict(self.reward))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config reward: {err}") from err
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig.from_dict(dict(self.reward))
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the env (besides tasks and sandbox)."""
+        return {"max_turns": self.max_turns, "max_pixels": self.max_pixels, "reward": self.reward_config()}
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=EvalConfig)
+
+
+def eval_conf_dir() -> Path:
+    """The Hydra config folder holding `evaluate.yaml` (`algos/conf` in a wheel, `conf/` in a checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "evaluate.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no evaluate.yaml in {here / 'conf'} or {here.parent / 'conf'}: reinstall the package "
+                            "or restore conf/")
+
+
+def normalize_overrides(overrides: Sequence[str]) -> list[str]:
+    """Read `model=<spec>` as `model.path=<spec>` when <spec> is not a preset of `conf/model/`."""
+    presets = {p.stem for p in (eval_conf_dir() / "model").glob("*.yaml")}
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key == "model" and value not in presets:
+            item = f"model.path={value}"
+        out.append(item)
+    return out
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    # `+key=value` opens struct mode and OmegaConf.to_object would drop the key silently.
+    schema = OmegaConf.get_type(node)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            raise ValueError(f"config {prefix}{key}: unknown key; {schema.__name__} has {', '.join(sorted(known))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, f"{prefix}{key}.")
+
+
+def to_eval_config(cfg: DictConfig) -> EvalConfig:
+    """The composed DictConfig as a validated `EvalConfig`."""
+    _reject_unknown_keys(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def load_eval_config(overrides: Sequence[str] = ()) -> EvalConfig:
+    """Compose `conf/evaluate.yaml` with command-line style overrides (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of strings like ['model=oracle'], got the string {overrides!r}")
+    with initialize_config_dir(config_dir=str(eval_conf_dir()), version_base="1.3", job_name="evaluate"):
+        cfg = compose(config_name="evaluate", overrides=normalize_overrides(overrides))
+    return to_eval_config(cfg)

@@ -1,0 +1,272 @@
+"""Evaluation: `python -m algos.evaluate model=<spec> tasks=<source> [key=value ...]` (Hydra).
+
+    python -m algos.evaluate model=tiny:qwen2_5_vl tasks=synthetic split=test n=8
+    python -m algos.evaluate model=qwen3vl checkpoint=outputs/grpo samples=4 temperature=1.0
+    python -m algos.evaluate model=oracle n=200            # a scripted agent alone: no torch, no model
+
+Plays every task (and, with `robustness=true`, each task under the five orientation transforms
+of `cv_env.tasks.RobustnessWrapper`) through `CodeVision-v0`: a model through the rollout
+engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`, `random`) directly.
+The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
+`output_dir`:
+
+    report.json, report.md   accuracy per category, the robustness table (original + 5 transforms
+                             + average), turns, tool calls, execution success, op usage, reward terms
+    cases/<agent>_worst.html, cases/<agent>_best.html   viewer pages (agents.viewer)
+    transcripts/<agent>.jsonl                           every episode, turn by turn
+    metrics.jsonl (+ W&B)                               val/... figures via algos.tracking
+
+Configuration: `conf/evaluate.yaml` (every key commented) and `algos/eval_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import gymnasium as gym
+
+import cv_env  # noqa: F401  (registers CodeVision-v0)
+from agents.scripted import OracleAgent, RandomAgent
+from agents.transcript import Transcript, play_transcript, write_transcripts
+from agents.viewer import write_html
+from algos.eval_config import EvalConfig, eval_conf_dir, normalize_overrides, to_eval_config
+from algos.metrics import rank_cases, report_markdown, report_metrics, summarize
+from cv_env.sandbox import Sandbox
+from cv_env.task import Task
+from cv_env.tasks import RobustnessWrapper, load_tasks
+
+__all__ = ["evaluate", "evaluation_tasks", "load_policy", "run_scripted", "run_model", "agent_label", "main"]
+
+
+def evaluation_tasks(cfg: EvalConfig) -> list[Task]:
+    """The first `cfg.n` tasks of the source (all for n=0), each followed by its robustness variants."""
+    source = load_tasks(cfg.tasks, split=cfg.split, seed=cfg.seed)
+    count = len(source) if cfg.n == 0 else min(cfg.n, len(source))
+    if count == 0:
+        raise ValueError(f"the task source {cfg.tasks!r} (split {cfg.split!r}) is empty: nothing to evaluate")
+    base = [source[i] for i in range(count)]
+    if not cfg.robustness:
+        return base
+    wrapped = RobustnessWrapper(load_tasks(base))
+    return [wrapped[i] for i in range(len(wrapped))]
+
+
+def agent_label(path: str) -> str:
+    """A short column name for a model spec: the last path component of a folder, else the spec."""
+    stripped = path.rstrip("/")
+    return os.path.basename(stripped) if os.sep in stripped and os.path.exists(stripped) else stripped
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="episode", dynamic_ncols=True)
+
+
+def run_scripted(name: str, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, samples: int = 1) -> list[Transcript]:
+    """Play `samples` episodes of every task with the scripted agent `name` ("oracle" | "random").
+
+    Episodes run concurrently, one env per thread, all on the shared `sandbox`. Results come
+    back task by task, sample by sample.
+    """
+    if name not in ("oracle", "random"):
+        raise ValueError(f"unknown scripted agent {name!r}: use oracle or random")
+    jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
+    workers = max(1, min(len(jobs), 2 * len(sandbox.worker_pids)))
+    envs: queue.Queue = queue.Queue()
+    for _ in range(workers):
+        envs.put(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, disable_env_checker=True, **cfg.env_kwargs()))
+
+    def play(job: tuple[int, int]) -> Transcript:
+        index, sample = job
+        agent = OracleAgent() if name == "oracle" else RandomAgent(seed=cfg.seed * 1_000_003 + index * samples + sample)
+        env = envs.get()
+        try:
+            return play_transcript(env, agent, tasks[index], seed=cfg.seed + index, sample_index=sample, agent_name=name)
+        finally:
+            envs.put(env)
+
+    out = []
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool, _progress(len(jobs), name) as bar:
+            for transcript in pool.map(play, jobs):
+                out.append(transcript)
+                bar.update(1)
+    finally:
+        while not envs.empty():
+            envs.get().close()
+    return out
+
+
+def run_model(policy, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, name: str = "model") -> list[Transcript]:
+    """Roll out `policy` (an `agents.policy.Policy` or generation backend) on every task.
+
+    `cfg.samples` episodes per task at `cfg.temperature` (0 = greedy), `cfg.batch_size` episodes
+    per rollout call. Each trajectory is decoded into a `Transcript`.
+    """
+    from agents.rollout import RolloutEngine
+    from agents.transcript import from_trajectory
+
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens)
+    chunk = max(1, cfg.batch_size // cfg.samples)
+    out: list[Transcript] = []
+    with RolloutEngine(policy, sandbox=sandbox, env_kwargs=cfg.env_kwargs(), sampling=sampling,
+                       max_total_tokens=cfg.max_total_tokens) as engine, \
+            _progress(len(tasks) * cfg.samples, name) as bar:
+        for start in range(0, len(tasks), chunk):
+            batch = list(tasks[start:start + chunk])
+            trajectories = engine.rollout(batch, n=cfg.samples, seed=cfg.seed + start)
+            for i, trajectory in enumerate(trajectories):
+                out.append(from_trajectory(trajectory, engine.backend.processor, task=batch[i // cfg.samples],
+                                           agent_name=name))
+            bar.update(len(trajectories))
+    return out
+
+
+def load_policy(cfg: EvalConfig):
+    """The policy of `cfg.model`, with the weights of `cfg.checkpoint` when set, in eval mode.
+
+    A checkpoint (as `algos.checkpoint.save_checkpoint` writes it) holds weights only: the model
+    is built from `model.path` (with the LoRA adapters of `model.lora` when enabled, which the
+    checkpoint then fills) and the checkpoint's weights are loaded into it.
+    """
+    import torch
+
+    from agents.policy import Policy
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lora = None
+    if cfg.checkpoint and cfg.model.lora.get("enabled"):
+        lora = {k: v for k, v in cfg.model.lora.items() if k != "enabled"}
+    policy = Policy.load(cfg.model.path, dtype=cfg.model.dtype, device=device,
+                         attn_implementation=cfg.model.attn_implementation, lora=lora)
+    if cfg.checkpoint:
+        from algos.checkpoint import load_checkpoint, resolve_resume
+
+        path = resolve_resume(str(cfg.checkpoint), cfg.output_dir)  # a checkpoint folder or a run's latest
+        load_checkpoint(path, policy.model, restore_rng=False)
+    policy.eval()
+    return policy
+
+
+def _write_cases(name: str, ranked: dict[str, list[Transcript]], out_dir: Path) -> dict[str, str]:
+    pages = {}
+    for kind, cases in ranked.items():
+        path = out_dir / "cases" / f"{_safe(name)}_{kind}.html"
+        write_html(cases, path, title=f"{name}: {kind} {len(cases)} episode(s)",
+                   subtitle="wrong before right, then by shaped reward")
+        pages[kind] = str(path.relative_to(out_dir))
+    return pages
+
+
+def _case_table(ranked: dict[str, dict[str, list[Transcript]]]) -> tuple[list[dict], list[list]]:
+    """Rows (and images: inputs, then tool outputs) of the worst and best episodes, for W&B."""
+    rows, images = [], []
+    for name, kinds in ranked.items():
+        for kind, cases in kinds.items():
+            for e in cases:
+                rows.append({"agent": name, "case": kind, "task_id": e.task_id, "category": e.category,
+                             "variant": e.variant, "correct": e.success, "reward": e.reward, "answer": e.answer,
+                             "ground_truth": e.ground_truth, "turns": e.num_turns, "tool_calls": e.num_tool_calls})
+                images.append(list(e.input_images) + [im for t in e.turns for im in t.tool_images])
+    return rows, images
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
+    """Run the evaluation `cfg` describes; write the report files; return the report dict.
+
+    policy: an already loaded `Policy` (e.g. from a trainer) to evaluate instead of loading
+    `cfg.model.path`; ignored for scripted agents.
+    Report keys: title, settings, agents ({label: algos.metrics.summarize(...)}), cases, metrics.
+    """
+    from algos.tracking import Tracker
+
+    start = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = evaluation_tasks(cfg)
+    main_label = cfg.model.path if cfg.model.scripted else agent_label(cfg.model.path)
+    if cfg.checkpoint:
+        main_label += f"@{Path(cfg.checkpoint).name}"
+    results: dict[str, list[Transcript]] = {}
+    with Sandbox(**cfg.sandbox.to_kwargs()) as sandbox:
+        if cfg.model.scripted:
+            results[main_label] = run_scripted(cfg.model.path, tasks, cfg, sandbox, samples=cfg.samples)
+        else:
+            policy = policy if policy is not None else load_policy(cfg)
+            results[main_label] = run_model(policy, tasks, cfg, sandbox, name=main_label)
+        if cfg.oracle and main_label != "oracle":
+            results["oracle"] = run_scripted("oracle", tasks, cfg, sandbox)
+
+    summaries = {name: summarize(transcripts) for name, transcripts in results.items()}
+    ranked = {name: dict(zip(("worst", "best"), rank_cases(transcripts, cfg.cases)))
+              for name, transcripts in results.items()} if cfg.cases else {}
+    cases = {name: _write_cases(name, kinds, out_dir) for name, kinds in ranked.items()}
+    if cfg.write_transcripts:
+        for name, transcripts in results.items():
+            path = out_dir / "transcripts" / f"{_safe(name)}.jsonl"
+            path.unlink(missing_ok=True)  # write_transcripts appends: start this run's file afresh
+            shutil.rmtree(path.parent / f"{path.stem}_images", ignore_errors=True)
+            write_transcripts(transcripts, path)
+    metrics = report_metrics(summaries[main_label], "val")
+    for name, summary in summaries.items():
+        if name != main_label:
+            metrics.update(report_metrics(summary, f"val/{_safe(name)}"))
+    base_ids = {t.extra.get("robustness", {}).get("base_id", t.id) for t in tasks}
+    settings = {"tasks": cfg.tasks, "split": cfg.split, "base tasks": len(base_ids),
+                "episodes per agent": len(tasks) * cfg.samples, "robustness": cfg.robustness,
+                "samples": cfg.samples, "temperature": cfg.temperature, "max_turns": cfg.max_turns}
+    report = {"title": f"Evaluation of {main_label} on {cfg.tasks} ({cfg.split})", "settings": settings,
+              "agents": summaries, "cases": cases, "metrics": metrics,
+              "seconds": round(time.perf_counter() - start, 2)}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
+
+    run_config = dataclasses.asdict(cfg)
+    logger = dataclasses.replace(cfg.logger, progress_bar=False)  # evaluation has its own bars
+    tracker = Tracker(logger, out_dir, run_config=run_config, enabled=os.environ.get("RANK", "0") == "0")
+    try:
+        tracker.log(metrics, step=0)
+        if ranked:
+            tracker.log_table("eval/cases", *_case_table(ranked), step=0)
+    finally:
+        tracker.finish()
+    return report
+
+
+def main() -> dict[str, Any]:
+    """Entry point: `python -m algos.evaluate [key=value ...]` (Hydra overrides; see conf/evaluate.yaml)."""
+    import sys
+
+    import hydra
+    from omegaconf import DictConfig
+
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # model=<spec> -> model.path=<spec>
+
+    @hydra.main(config_path=str(eval_conf_dir()), config_name="evaluate", version_base="1.3")
+    def _composed(raw: DictConfig) -> dict[str, Any]:
+        cfg = to_eval_config(raw)
+        report = evaluate(cfg)
+        print(report_markdown(report))
+        print(f"report: {Path(cfg.output_dir) / 'report.md'} ({report['seconds']:.1f} s)")
+        return report
+
+    return _composed()
+
+
+if __name__ == "__main__":
+    main()

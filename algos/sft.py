@@ -1,0 +1,368 @@
+"""Supervised fine-tuning, CodeVision's stage 1: `python -m algos.sft +exp=tiny_sft` (CPU, a minute).
+
+The policy learns to imitate demonstrations of the tool protocol: multi-turn conversations in
+which the assistant thinks, calls `code_image_tool`, reads the tool's images and answers. The
+loss is the token-mean cross-entropy on the assistant's tokens only (each turn's text and its
+end-of-turn token); prompts, tool replies and images only condition. One step:
+
+    1. draw `algo.batch_size` examples (a seeded permutation per epoch; each rank its share)
+    2. split them into micro-batches (fixed size, or by padded tokens with `algo.packing`)
+    3. gradient accumulation with exact token-mean weights (`algos.train_step.update_step`),
+       grad clip, AdamW, LR schedule
+    4. log; every `val_every` steps the validation loss; every `save_every` steps a resumable
+       checkpoint plus a Hugging Face folder `<output_dir>/hf/step_<n>/` that GRPO starts from:
+
+           python -m algos.grpo +exp=qwen3vl model.path=outputs/sft-qwen3vl/hf/step_00000600
+
+Data (chat records in OpenAI/Qwen or ShareGPT form, or `agents.collect` trajectories; the schema
+is in `algos/sft_data.py`) comes from `data.train_files`, and/or is recorded by the scripted
+oracle before training when `data.oracle.tasks` is set. Configuration: `conf/sft.yaml`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from agents.policy import Policy
+from agents.trajectory import Trajectory
+from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from algos.config import config_to_dict, hydra_main
+from algos.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed, is_main
+from algos.sft_config import SFTConfig
+from algos.sft_data import SFTExamples, build_examples, micro_batches, read_records
+from algos.tracking import Tracker
+from algos.train_step import PromptSampler, build_optimizer, build_scheduler, update_step
+
+__all__ = ["run", "main", "load_sft_policy", "prepare_data", "sft_loss", "validation_loss", "export_hf",
+           "HF_DIR"]
+
+HF_DIR = "hf"  # <output_dir>/hf/step_<n>/: the Hugging Face folders GRPO and evaluation load
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _oracle_demos(cfg: SFTConfig, output_dir: Path) -> Path:
+    """Record (once per run folder) the oracle's demonstrations; return their JSONL path."""
+    from agents.collect import collect
+
+    o = cfg.data.oracle
+    final = output_dir / "demos"
+    demos = final / "oracle.jsonl"
+    if is_main() and not demos.is_file():
+        # Recorded in a side folder and renamed, so a killed collection is never read as complete.
+        tmp = output_dir / ".tmp-demos"
+        shutil.rmtree(tmp, ignore_errors=True)
+        result = collect(cfg.model.path, o.tasks, o.split, o.num_tasks, str(tmp / "oracle.jsonl"),
+                         max_turns=o.max_turns, max_pixels=cfg.data.max_pixels, max_total_tokens=cfg.data.max_tokens,
+                         workers=o.workers, seed=cfg.trainer.seed)
+        if result["kept"] == 0:
+            raise RuntimeError(f"the oracle earned the ideal reward on none of the {o.num_tasks} tasks of "
+                               f"{o.tasks!r}: no demonstrations to train on (check data.oracle.max_turns)")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        print(f"recorded {result['kept']} oracle demonstrations in {demos} ({result['skipped']} below the ideal "
+              f"reward left out)", flush=True)
+    barrier()
+    return demos
+
+
+def prepare_data(cfg: SFTConfig, policy: Policy,
+                 output_dir: str | Path) -> tuple[SFTExamples, SFTExamples | None, dict[str, float]]:
+    """(train examples, validation examples, data/* figures) as `cfg.data` says.
+
+    Without `data.val_files`, a seeded `data.val_fraction` of the training records is held out
+    (at least one when the fraction is positive and there are two records or more).
+    """
+    d = cfg.data
+    files = list(d.train_files)
+    if d.oracle.tasks:
+        files.append(str(_oracle_demos(cfg, Path(output_dir))))
+    records = read_records(files)
+    if not records:
+        raise ValueError(f"the training files {files} hold no record")
+    if d.val_files:
+        val_records = read_records(d.val_files)
+    else:
+        order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(records))
+        held = 0 if d.val_fraction == 0 or len(records) < 2 else max(1, round(d.val_fraction * len(records)))
+        val_records = [records[i] for i in sorted(order[:held])]
+        records = [records[i] for i in sorted(order[held:])]
+    options = dict(max_tokens=d.max_tokens, max_pixels=d.max_pixels, system_prompt=d.system_prompt,
+                   on_invalid=d.on_invalid)
+    train, train_stats = build_examples(policy.renderer, records, **options)
+    val, val_stats = build_examples(policy.renderer, val_records[:d.val_size], **options) if val_records else (None, {})
+    for name, stats in (("training", train_stats), ("validation", val_stats)):
+        if stats.get("invalid") or stats.get("too_long"):
+            print(f"{name} data: kept {stats['kept']}, left out {stats['invalid']} invalid and {stats['too_long']} "
+                  f"longer than data.max_tokens={d.max_tokens}; first errors: {stats['errors']}", flush=True)
+    if not train:
+        raise ValueError(f"no usable training example in {files}: {train_stats['invalid']} invalid, "
+                         f"{train_stats['too_long']} longer than data.max_tokens={d.max_tokens}")
+    figures = {
+        "data/train_examples": float(len(train)),
+        "data/val_examples": float(len(val) if val else 0),
+        "data/invalid": float(train_stats["invalid"] + val_stats.get("invalid", 0)),
+        "data/too_long": float(train_stats["too_long"] + val_stats.get("too_long", 0)),
+        "data/assistant_tokens": float(train.assistant_tokens),
+    }
+    return train, val, figures
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and validation
+# --------------------------------------------------------------------------------------------
+
+
+def sft_loss(policy: Policy, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-mean negative log-likelihood of the assistant tokens (`loss_mask`) of one micro-batch.
+
+    Scored at temperature 1 with the sampler's conventions (vision placeholders excluded from the
+    softmax), so what SFT raises is exactly what the rollout samples.
+    """
+    logprobs_BT, entropy_BT = policy.logprobs(batch, temperature=1.0)
+    mask_BT = batch["loss_mask"]
+    tokens = mask_BT.sum().clamp(min=1.0)
+    loss = -(logprobs_BT * mask_BT).sum() / tokens
+    return loss, {"loss": loss.detach(), "entropy": ((entropy_BT * mask_BT).sum() / tokens).detach()}
+
+
+def _micro_batches(examples: SFTExamples | Sequence[Trajectory], indices: Sequence[int],
+                   cfg: SFTConfig) -> list[list[int]]:
+    lengths = examples.lengths if isinstance(examples, SFTExamples) else [len(e.token_ids) for e in examples]
+    budget = cfg.algo.max_tokens_per_micro_batch if cfg.algo.packing else 0
+    return micro_batches(list(indices), lengths, cfg.algo.micro_batch_size, budget)
+
+
+def validation_loss(policy: Policy, examples: SFTExamples | Sequence[Trajectory] | None, cfg: SFTConfig, rank: int = 0,
+                    world: int = 1) -> dict[str, float]:
+    """val/loss (token-mean NLL of the assistant tokens over all validation examples) and val/perplexity."""
+    if not examples:
+        return {}
+    mine = list(range(rank, len(examples), world))
+    nll_sum = tokens = 0.0
+    was_training = policy.model.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            for chunk in _micro_batches(examples, mine, cfg):
+                batch = policy.collate([examples[i] for i in chunk])
+                logprobs_BT, _ = policy.logprobs(batch, temperature=1.0)
+                nll_sum -= float((logprobs_BT * batch["loss_mask"]).sum())
+                tokens += float(batch["loss_mask"].sum())
+    finally:
+        policy.train(was_training)
+    # Means of the per-rank sums keep their ratio: the token-mean over every rank's examples.
+    totals = all_reduce_mean({"nll": nll_sum, "tokens": tokens})
+    loss = totals["nll"] / max(totals["tokens"], 1.0)
+    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+
+# --------------------------------------------------------------------------------------------
+# The policy and its Hugging Face export
+# --------------------------------------------------------------------------------------------
+
+
+def load_sft_policy(cfg: SFTConfig, device: Any = "cpu") -> Policy:
+    """The trainable policy of `cfg.model` (LoRA adapters and a frozen vision tower when asked)."""
+    m = cfg.model
+    lora = None
+    if m.lora.enabled:
+        lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout,
+                "target_modules": list(m.lora.target_modules)}
+    return Policy.load(m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                       gradient_checkpointing=m.gradient_checkpointing, lora=lora, freeze_vision=m.freeze_vision)
+
+
+def _core(model):
+    """The `...ForConditionalGeneration` inside a peft wrapper (LoRA layers sit in it, in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's weights with the merged LoRA deltas, under the base model's own names."""
+    state = {}
+    for name, tensor in _core(model).state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor.detach()  # no copy: saved before the unmerge
+    return state
+
+
+def export_hf(policy: Policy, path: str | Path) -> Path:
+    """Write `policy` as a plain Hugging Face folder (model + processor) that `Policy.load(path)`,
+    `agents.loading.load_model(path)` and `algos.grpo` (`model.path=<path>`) read.
+
+    LoRA adapters are merged into the weights (the live model keeps its separate adapters);
+    the folder is written beside `path` and renamed into place, so it is complete or absent.
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    core = _core(policy.model)
+    # Gradient checkpointing turns the KV cache off in the config; the saved model generates, so on.
+    use_cache = getattr(core.config, "use_cache", None)
+    if use_cache is not None:
+        core.config.use_cache = True
+    try:
+        if policy.is_peft:
+            policy.model.merge_adapter()
+            try:
+                core.save_pretrained(tmp, state_dict=_merged_state_dict(policy.model))
+            finally:
+                policy.model.unmerge_adapter()
+        else:
+            core.save_pretrained(tmp)
+    finally:
+        if use_cache is not None:
+            core.config.use_cache = use_cache
+    policy.processor.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _prune_exports(root: Path, keep_last: int) -> None:
+    exports = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in exports[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune as `cfg` says; returns a summary (steps, paths of the checkpoint and the HF folder,
+    last metrics)."""
+    dist_info = init_distributed()
+    rank, world = dist_info.rank, dist_info.world_size
+    a, t = cfg.algo, cfg.trainer
+    output_dir = Path(t.output_dir)
+    _seed_everything(t.seed + rank)
+
+    policy = load_sft_policy(cfg, dist_info.device)
+    train, val, data_figures = prepare_data(cfg, policy, output_dir)
+    steps_per_epoch = math.ceil(len(train) / a.batch_size)
+    total_steps = t.total_steps or t.epochs * steps_per_epoch
+    optimizer = build_optimizer(policy.named_parameters(), a)
+    scheduler = build_scheduler(optimizer, a, total_steps)
+    sampler = PromptSampler(len(train), seed=t.seed)
+
+    start_step, resumed_from = 0, None
+    checkpoint = resolve_resume(t.resume, output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
+        start_step, resumed_from = state.step, state.path
+        sampler.load_state_dict(state.data_state)
+    tracker = Tracker(cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=total_steps,
+                      resume_step=start_step if checkpoint is not None else None)
+    if is_main():
+        print(f"SFT on {len(train)} examples ({int(data_figures['data/assistant_tokens'])} assistant tokens), "
+              f"{len(val) if val else 0} for validation; {total_steps} steps of {a.batch_size}"
+              + (f"; resuming from {resumed_from} (step {start_step})" if resumed_from else ""), flush=True)
+
+    params = list(policy.parameters())
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "total_steps": total_steps,
+                               "resumed_from": str(resumed_from) if resumed_from else None}
+    last_metrics: dict[str, float] = {}
+    hf_path: Path | None = None
+    step = start_step
+    try:
+        if t.val_before_train and start_step == 0 and val:
+            first = {**validation_loss(policy, val, cfg, rank, world), **data_figures}
+            tracker.log(first, step=0)
+            last_metrics.update(first)
+        policy.train()
+        for step in range(start_step + 1, total_steps + 1):
+            step_start = time.perf_counter()
+            mine = sampler.draw(a.batch_size)[rank::world]
+            chunks = [policy.collate([train[i] for i in chunk]) for chunk in _micro_batches(train, mine, cfg)]
+            stats = update_step(chunks, lambda batch: sft_loss(policy, batch), params, optimizer, scheduler,
+                                grad_clip=a.grad_clip, agg="token-mean")
+            seconds = time.perf_counter() - step_start
+            tokens = sum(float(c["attention_mask"].sum()) for c in chunks)
+            metrics = {f"actor/{k}": v for k, v in (stats or {}).items() if k != "lr"}
+            metrics["lr"] = (stats or {}).get("lr", optimizer.param_groups[0]["lr"])
+            metrics.update(all_reduce_mean({
+                "data/assistant_tokens": sum(float(c["loss_mask"].sum()) for c in chunks),
+                "throughput/tokens_per_s": tokens / max(seconds, 1e-9),
+                "time/step": seconds,
+            }))
+            metrics["data/epoch"] = float(sampler.epoch) + sampler.position / len(train)
+            final = step == total_steps
+            if val and ((t.val_every and step % t.val_every == 0) or final):
+                val_start = time.perf_counter()
+                metrics.update(validation_loss(policy, val, cfg, rank, world))
+                metrics["time/validation"] = time.perf_counter() - val_start
+            tracker.log(metrics, step=step)
+            last_metrics.update(metrics)
+            if (t.save_every and step % t.save_every == 0) or final:
+                save_checkpoint(output_dir, step, policy.model, optimizer, scheduler, data_state=sampler.state_dict(),
+                                extra={"config": config_to_dict(cfg)}, keep_last=t.keep_last)
+                if is_main():
+                    hf_path = export_hf(policy, output_dir / HF_DIR / f"step_{step:08d}")
+                    _prune_exports(output_dir / HF_DIR, t.keep_last)
+                barrier()
+    finally:
+        tracker.finish()
+
+    exports = sorted(p for p in (output_dir / HF_DIR).glob("step_*") if p.is_dir())
+    checkpoints = list_checkpoints(output_dir)
+    summary.update(
+        steps=step,
+        metrics_path=str(tracker.metrics_path) if tracker.metrics_path else None,
+        checkpoint=str(checkpoints[-1]) if checkpoints else None,
+        hf_model=str(hf_path or (exports[-1] if exports else "")) or None,
+        wandb_mode=tracker.mode,
+        last_metrics=last_metrics,
+    )
+    if is_main():
+        _print_summary(summary)
+    destroy_distributed()
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    m = summary["last_metrics"]
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("actor/loss", "val/loss") if k in m)
+    lines = [
+        f"SFT finished at step {summary['steps']}" + (f" (resumed from {summary['resumed_from']})"
+                                                       if summary["resumed_from"] else ""),
+        f"  last figures:  {shown or 'none'}",
+        f"  run folder:    {summary['output_dir']}",
+        f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
+        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (run the same command again to continue)",
+        f"  HF model:      {summary['hf_model'] or 'none'}  (GRPO from it: python -m algos.grpo ... "
+        f"model.path={summary['hf_model']})",
+        f"  W&B:           {summary['wandb_mode']}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+@hydra_main("sft")
+def main(cfg: SFTConfig) -> dict[str, Any]:
+    """Entry point: `python -m algos.sft +exp=tiny_sft [key=value ...]` (Hydra overrides)."""
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
