@@ -64,7 +64,8 @@ __all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "chec
 
 NAMESPACES = ("reward", "val", "tool", "episode", "actor", "critic", "time", "throughput", "data")
 STANDALONE = ("lr",)
-PROGRESS_KEYS = {"reward/total": "reward", "val/acc": "val_acc", "actor/kl": "kl"}
+PROGRESS_KEYS = {"reward/total": "reward", "val/acc": "val_acc", "actor/kl": "kl", "actor/loss": "loss",
+                 "val/loss": "val_loss"}
 RESERVED = ("step", "time")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -324,7 +324,7 @@ def episode_components(outcome: EpisodeOutcome, cfg: RewardConfig | None = None)
         "emerge": emerge_reward(o.correct, o.used_ops, cfg),
         "usage_cost": usage_cost(o.n_calls, o.required_ops, cfg),
         "spurious": spurious_penalty(o.required_ops, o.used_ops),
-        "exec_fail": o.n_failed * exec_fail_reward(False, cfg),
+        "exec_fail": sum((exec_fail_reward(False, cfg) for _ in range(o.n_failed)), 0.0),  # never -0.0
     }
     terms["total"] = (
         cfg.accuracy_weight * terms["acc"]
