@@ -200,13 +200,17 @@ class Policy:
         chunk_size: int = 1024,
         temperature: float | None = None,
         positions: str | torch.Tensor = "loss_mask",
+        hidden_BTH: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs_BT, entropy_BT), float32, target-aligned (position 0 and unscored positions are 0).
 
         temperature: defaults to the batch's sampling temperature, so the result is comparable
         with `batch["old_logprobs"]`. positions: "loss_mask" (sampled tokens only, the cheap
         default), "all" (every real token), or a [B, T] bool tensor.
+        hidden_BTH: the batch's last hidden states when the caller already ran the model
+        (`hidden_states(batch)`, e.g. to feed a value head from the same forward); default: run it.
         Differentiable when grad is enabled; the full [T x vocab] logits never exist at once.
+        Under FSDP2 the LM head's weight is gathered for the head computation (`_gathered_root`).
         """
         if isinstance(positions, str):
             if positions == "loss_mask":
@@ -215,15 +219,42 @@ class Policy:
                 positions = batch["attention_mask"] > 0
             else:
                 raise ValueError(f"positions must be 'loss_mask', 'all' or a bool tensor, got {positions!r}")
-        hidden = self.hidden_states(batch)
-        head = _core(self.model).lm_head
-        return sequence_logprobs(
-            hidden, batch["input_ids"], head.weight, head.bias,
-            positions_BT=positions,
-            temperature=float(batch.get("temperature", 1.0) if temperature is None else temperature),
-            suppressed_ids=self.suppressed_ids,
-            chunk_size=chunk_size,
-        )
+        hidden = self.hidden_states(batch) if hidden_BTH is None else hidden_BTH
+        with _gathered_root(self.model):
+            head = _core(self.model).lm_head
+            return sequence_logprobs(
+                hidden, batch["input_ids"], head.weight, head.bias,
+                positions_BT=positions,
+                temperature=float(batch.get("temperature", 1.0) if temperature is None else temperature),
+                suppressed_ids=self.suppressed_ids,
+                chunk_size=chunk_size,
+            )
+
+
+@contextlib.contextmanager
+def _gathered_root(model):
+    """The LM head's full weight while the chunked head runs, for a model sharded with FSDP2.
+
+    `sequence_logprobs` reads `lm_head.weight` outside any module's forward, so FSDP2's hooks do
+    not gather it: it would be this rank's shard (a DTensor). The head lives in the root FSDP
+    unit (`algos.distributed.fsdp2_wrap` shards only the repeated blocks separately), so the
+    root is gathered here. With gradients the root stays gathered: backward reads the same
+    weight, and FSDP2's post-backward reduce-scatters its gradient and reshards it. Without
+    gradients (scoring) it is resharded at once to free the memory. A no-op for other models and
+    when the root is gathered already (e.g. inside `algos.distributed.fsdp2_gathered`).
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(model, FSDPModule) or not isinstance(_core(model).lm_head.weight, DTensor):
+        yield
+        return
+    model.unshard()  # a collective: every rank calls logprobs together, as it calls forward
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():
+            model.reshard()
 
 
 def _core(model):

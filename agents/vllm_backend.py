@@ -143,6 +143,8 @@ class VLLMBackend:
             model.merge_adapter()
         try:
             state = model.state_dict()
+            # A model sharded with FSDP2 holds DTensor shards: gather each (every rank calls this together).
+            state = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}
             if merged:  # peft names: base_model.model.<name> and <module>.base_layer.<param>
                 state = {
                     name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor

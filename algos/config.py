@@ -189,6 +189,7 @@ class TrainerConfig:
     resume: str = "auto"
     sample_table_every: int = 10
     sample_table_rows: int = 8
+    fsdp: bool = False
 
 
 @dataclass

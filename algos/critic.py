@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from agents.logprobs import sequence_logprobs
 from agents.policy import Policy
 
 __all__ = ["ValueHead", "Critic", "token_values", "logprobs_and_values", "score_values", "load_critic"]
@@ -150,11 +149,7 @@ def logprobs_and_values(policy: Policy, critic: Critic, batch: dict[str, Any],
         logprobs_BT, entropy_BT = policy.logprobs(batch, chunk_size=chunk_size)
         return logprobs_BT, entropy_BT, critic.values(batch, positions=positions_BT)
     hidden_BTH = policy.hidden_states(batch)
-    lm_head = policy.model.get_output_embeddings()
-    logprobs_BT, entropy_BT = sequence_logprobs(
-        hidden_BTH, batch["input_ids"], lm_head.weight, lm_head.bias, positions_BT=positions_BT,
-        temperature=float(batch.get("temperature", 1.0)), suppressed_ids=policy.suppressed_ids, chunk_size=chunk_size,
-    )
+    logprobs_BT, entropy_BT = policy.logprobs(batch, chunk_size=chunk_size, positions=positions_BT, hidden_BTH=hidden_BTH)
     trunk_BTH = hidden_BTH if value_grad_to_trunk else hidden_BTH.detach()
     return logprobs_BT, entropy_BT, critic.values(batch, hidden_BTH=trunk_BTH, positions=positions_BT)
 

@@ -12,11 +12,12 @@ over `torch.distributed` so the trainers read the same on one CPU and on many GP
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,8 @@ __all__ = [
     "broadcast_object",
     "wrap_model",
     "fsdp2_wrap",
+    "fsdp2_gathered",
+    "is_fsdp2",
     "unwrap_model",
 ]
 
@@ -216,7 +219,9 @@ def fsdp2_wrap(
     """Shard `model` with FSDP2 (`torch.distributed.fsdp.fully_shard`): each layer, then the root.
 
     Sharding every repeated block separately lets FSDP gather one layer's weights at a time; the
-    root call picks up the rest (embeddings, norms, head). Requires an active process group
+    root call picks up the rest (embeddings, norms, head). The LM head must stay in the root unit:
+    `agents.policy.Policy.logprobs` applies it outside the model's forward and gathers the root
+    for it. Requires an active process group
     (NCCL on GPUs; gloo on CPU works too, which is how the tests exercise it).
 
     Args:
@@ -269,3 +274,44 @@ def wrap_model(
     if info.device.type == "cuda":
         return fsdp2_wrap(model, layer_cls=layer_cls, mixed_precision=mixed_precision)
     return nn.parallel.DistributedDataParallel(model)
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """True when `model` (or any module inside it) is sharded with FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def fsdp2_gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Every FSDP2 unit of `model` gathered (full weights on this rank) for the duration, and no
+    collective in its forward passes; a no-op for a model that is not sharded.
+
+    FSDP2 gathers each unit's weights in its forward, a collective that every rank must join
+    equally often. Rollouts and scoring do not fit that: each rank generates until its own
+    sequences stop and scores as many micro-batches as it kept. Inside this context those
+    forwards run on the gathered weights, any number of times per rank. Enter and leave it on
+    every rank together (both are collectives); use it without gradients (it holds the full
+    weights, so training's memory saving is suspended while it lasts).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    # FSDP2 finds its root at the first forward; generation may first call an inner unit (e.g. the
+    # vision tower) directly, which would then claim to be a root: settle the root here.
+    units[0]._get_fsdp_state()._lazy_init()
+    reshards = [any(g.post_forward_mesh_info is not None for g in unit._get_fsdp_state()._fsdp_param_groups)
+                for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit, reshard in zip(units, reshards):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)

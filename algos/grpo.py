@@ -20,48 +20,57 @@ rank 0 logs. Configuration: `conf/grpo.yaml` (every key commented) and `algos/co
 from __future__ import annotations
 
 import contextlib
-import random
+import functools
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from agents.policy import Policy
-from agents.rollout import RolloutEngine, Trajectory
+from agents.rollout import Trajectory
 from algos.advantages import grpo_advantages, rloo_advantages
 from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from algos.config import GRPOConfig, config_to_dict, hydra_main
-from algos.distributed import all_reduce_mean, destroy_distributed, get_rank, get_world_size, init_distributed, is_main
+from algos.distributed import (
+    all_reduce_mean,
+    destroy_distributed,
+    fsdp2_gathered,
+    fsdp2_wrap,
+    get_world_size,
+    init_distributed,
+    is_fsdp2,
+    is_main,
+)
 from algos.losses import aggregate, kl_penalty, policy_loss
-from algos.tracking import Tracker
+from algos.rollouts import (
+    build_engines,
+    check_rollout_backend,
+    group_index,
+    group_reward_terms,
+    load_task_splits,
+    loss_keep_mask,
+    make_generator,
+    step_metrics,
+    validate,
+)
+from algos.tracking import Tracker, print_run_summary
 from algos.train_step import (
     PromptSampler,
     build_optimizer,
     build_scheduler,
-    episode_summary,
-    gather_lists,
+    group_minibatches,
+    load_policy,
     mean_metrics,
-    rollout_metrics,
+    pad_rows,
     sample_table,
+    score_trajectories,
+    seed_everything,
     update_step,
-    validation_metrics,
 )
-from cv_env.reward import RewardConfig, apply_necessity
 from cv_env.sandbox import Sandbox
-from cv_env.tasks import load_tasks
 
-__all__ = [
-    "run",
-    "main",
-    "group_reward_terms",
-    "compute_advantages",
-    "loss_keep_mask",
-    "score_trajectories",
-    "grpo_update",
-    "load_policy",
-]
+__all__ = ["run", "main", "compute_advantages", "grpo_update"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,33 +78,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def group_reward_terms(trajectories: Sequence[Trajectory], reward_cfg: RewardConfig) -> list[float]:
-    """Per-trajectory group adjustment (beta x necessity), computed group by group; 0 when beta is 0."""
-    if reward_cfg.beta == 0:
-        return [0.0] * len(trajectories)
-    adjustments = [0.0] * len(trajectories)
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(trajectories):
-        groups.setdefault(t.group_id, []).append(i)
-    for members in groups.values():
-        episodes = [
-            {"correct": trajectories[i].success, "n_calls": trajectories[i].num_tool_calls,
-             "n_failed": trajectories[i].num_failed_calls}
-            for i in members
-        ]
-        for i, value in zip(members, apply_necessity(episodes, reward_cfg)):
-            adjustments[i] = value
-    return adjustments
-
-
-def _group_index(trajectories: Sequence[Trajectory]) -> torch.Tensor:
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(t.group_id, len(ids)) for t in trajectories], dtype=torch.long)
-
-
 def compute_advantages(rewards_G: torch.Tensor, trajectories: Sequence[Trajectory], estimator: str) -> torch.Tensor:
     """[G] advantages of the trajectories from their rewards and groups (grpo | drgrpo | rloo)."""
-    group_ids_G = _group_index(trajectories)
+    group_ids_G = group_index(trajectories)
     if estimator == "grpo":
         return grpo_advantages(rewards_G, group_ids_G, norm_by_std=True)
     if estimator == "drgrpo":
@@ -105,55 +90,9 @@ def compute_advantages(rewards_G: torch.Tensor, trajectories: Sequence[Trajector
     raise ValueError(f"algo.advantage_estimator {estimator!r} is not one of grpo, drgrpo, rloo")
 
 
-def loss_keep_mask(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, mask_truncated: bool,
-                   dynamic_sampling: bool) -> list[bool]:
-    """Which trajectories enter the loss.
-
-    mask_truncated: drop trajectories cut by the turn or token limit (DAPO over-long masking:
-    an unfinished answer's reward says little about its tokens). dynamic_sampling: drop whole
-    groups whose rewards are all equal (zero advantage, no signal; DAPO).
-    """
-    keep = [not (mask_truncated and t.truncated) for t in trajectories]
-    if dynamic_sampling:
-        group_ids_G = _group_index(trajectories)
-        for g in group_ids_G.unique():
-            members = (group_ids_G == g).nonzero().flatten().tolist()
-            if float(rewards_G[members].max()) == float(rewards_G[members].min()):
-                for i in members:
-                    keep[i] = False
-    return keep
-
-
 # --------------------------------------------------------------------------------------------
 # Scoring and the update
 # --------------------------------------------------------------------------------------------
-
-
-def score_trajectories(policy: Policy, trajectories: Sequence[Trajectory], micro_batch_size: int,
-                       reference: Policy | None = None) -> list[torch.Tensor]:
-    """Log-probs of each trajectory's tokens (1-D, target-aligned, 0 off the loss mask), no grad.
-
-    reference: score with this frozen policy; `reference is policy` under LoRA means the base
-    model with the adapters disabled.
-    """
-    scorer = reference or policy
-    out: list[torch.Tensor] = []
-    was_training = policy.model.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(trajectories), micro_batch_size):
-                chunk = trajectories[start:start + micro_batch_size]
-                batch = policy.collate(chunk)
-                if reference is not None and reference is policy:
-                    with policy.with_adapter_disabled():
-                        logprobs_BT, _ = policy.logprobs(batch)
-                else:
-                    logprobs_BT, _ = scorer.logprobs(batch)
-                out.extend(logprobs_BT[b, :len(t.token_ids)].cpu() for b, t in enumerate(chunk))
-    finally:
-        policy.train(was_training)
-    return out
 
 
 def _logprobs_where(policy: Policy, trajectories: Sequence[Trajectory], which: Sequence[bool],
@@ -165,13 +104,6 @@ def _logprobs_where(policy: Policy, trajectories: Sequence[Trajectory], which: S
                                                       micro_batch_size, reference)):
         out[i] = logprobs
     return out
-
-
-def _pad_rows(rows: Sequence[torch.Tensor], width: int, device: torch.device | str) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for b, row in enumerate(rows):
-        out[b, :len(row)] = row
-    return out.to(device)
 
 
 def grpo_update(
@@ -192,20 +124,17 @@ def grpo_update(
     rank (the same number of optimizer steps on every rank); the kept trajectories of a
     mini-batch run in micro-batches of `algo.micro_batch_size` with exact loss scaling
     (`update_step`). old_logprobs: the sampler's (default) or recomputed ones; ref_logprobs: the
-    reference's, when the KL term is in the loss.
+    reference's, when the KL term is in the loss. A policy sharded with FSDP2 reduces its own
+    gradients, and every rank runs as many forward/backward passes (`update_step(lockstep=True)`):
+    a rank with nothing kept in a mini-batch runs one of its trajectories scaled by 0.
 
     Returns the actor/* metrics averaged over the optimizer steps and the last step's lr.
     """
-    algo, world = cfg.algo, get_world_size()
+    algo = cfg.algo
     kl_in_loss = algo.kl.in_loss and algo.kl.coef > 0
     if kl_in_loss and ref_logprobs is None:
         raise ValueError("algo.kl.coef > 0 with algo.kl.in_loss needs the reference log-probs (ref_logprobs)")
     max_len = cfg.rollout.max_total_tokens  # Dr.GRPO's constant normaliser: the largest trajectory
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(trajectories):
-        groups.setdefault(t.group_id, []).append(i)
-    group_lists = list(groups.values())
-    prompts_per_update = max(1, algo.mini_batch_size // world)
     device = policy.device
 
     def micro_batch(indices: list[int]) -> dict[str, Any]:
@@ -213,10 +142,11 @@ def grpo_update(
         batch = policy.collate(chunk, device=device)
         width = batch["input_ids"].shape[1]
         batch["advantages"] = advantages_G[indices].to(device=device, dtype=torch.float32)
+        # A trajectory that was not scored (only ever an FSDP2 filler pass, scaled by 0) reads zeros.
         if old_logprobs is not None:
-            batch["old_logprobs"] = _pad_rows([old_logprobs[i] for i in indices], width, device)
+            batch["old_logprobs"] = pad_rows([_or_empty(old_logprobs[i]) for i in indices], width).to(device)
         if kl_in_loss:
-            batch["ref_logprobs"] = _pad_rows([ref_logprobs[i] for i in indices], width, device)
+            batch["ref_logprobs"] = pad_rows([_or_empty(ref_logprobs[i]) for i in indices], width).to(device)
         return batch
 
     def loss_fn(micro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -244,21 +174,20 @@ def grpo_update(
     params = list(policy.parameters())
     policy.train()
     per_update: list[dict[str, float]] = []
-    for epoch in range(algo.ppo_epochs):
-        # A local generator: the order is reproducible and leaves the global RNG (checkpointed) alone.
-        order = np.random.default_rng([seed, epoch]).permutation(len(group_lists)) if epoch else range(len(group_lists))
-        ordered = [group_lists[g] for g in order]
-        for start in range(0, max(1, len(ordered)), prompts_per_update):
-            members = [i for group in ordered[start:start + prompts_per_update] for i in group if keep[i]]
-            micro_batches = []
-            for k in range(0, len(members), algo.micro_batch_size):
-                indices = members[k:k + algo.micro_batch_size]
-                masks = [torch.tensor(trajectories[i].loss_mask, dtype=torch.float32) for i in indices]
-                micro_batches.append({"indices": indices, "loss_mask": _pad_rows(masks, max(map(len, masks)), "cpu")})
-            stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=algo.grad_clip,
-                                agg=algo.loss_agg, metric_names=metric_names)
-            if stats is not None:
-                per_update.append(stats)
+    sharded = is_fsdp2(policy.model)
+    prompts_per_update = max(1, algo.mini_batch_size // get_world_size())
+    for members in group_minibatches(trajectories, prompts_per_update, algo.ppo_epochs, seed, keep=keep):
+        micro_batches = []
+        for k in range(0, len(members), algo.micro_batch_size):
+            indices = members[k:k + algo.micro_batch_size]
+            micro_batches.append({"indices": indices, "loss_mask": pad_rows([trajectories[i].loss_mask for i in indices])})
+        if sharded and not micro_batches and trajectories:
+            micro_batches.append({"indices": [0], "loss_mask": torch.zeros(1, 1)})  # weight 0: runs scaled by 0
+        stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=algo.grad_clip,
+                            agg=algo.loss_agg, metric_names=metric_names, sync_gradients=not sharded,
+                            lockstep=sharded)
+        if stats is not None:
+            per_update.append(stats)
     if not per_update:
         return {"data/updates": 0.0}
     merged = mean_metrics(per_update)
@@ -268,73 +197,8 @@ def grpo_update(
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Building the pieces
-# --------------------------------------------------------------------------------------------
-
-
-def load_policy(cfg: GRPOConfig, device: torch.device, trainable: bool = True) -> Policy:
-    """The policy of `cfg.model` (LoRA / frozen vision tower when asked); `trainable=False`
-    gives the frozen reference copy (no adapters, eval mode, no gradients)."""
-    m = cfg.model
-    lora = None
-    if trainable and m.lora.enabled:
-        lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout,
-                "target_modules": list(m.lora.target_modules)}
-    policy = Policy.load(
-        m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-        gradient_checkpointing=m.gradient_checkpointing and trainable, lora=lora,
-        freeze_vision=m.freeze_vision and trainable,
-    )
-    if not trainable:
-        policy.eval()
-        for p in policy.model.parameters():
-            p.requires_grad_(False)
-    return policy
-
-
-def _check_vllm() -> None:
-    from agents.vllm_backend import vllm_available
-
-    if not vllm_available():
-        raise RuntimeError(
-            "rollout.backend=vllm needs the vllm package and a CUDA GPU: pip install -e '.[vllm]' on a GPU machine, "
-            "or sample with transformers: rollout.backend=hf"
-        )
-
-
-def _generator(policy: Policy, cfg: GRPOConfig):
-    """What samples the rollouts: the policy itself (hf) or a vLLM engine fed its weights."""
-    if cfg.rollout.backend == "hf":
-        return policy
-    from agents.vllm_backend import VLLMBackend
-
-    return VLLMBackend(policy, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                       max_model_len=cfg.rollout.max_total_tokens,
-                       tensor_parallel_size=cfg.rollout.tensor_parallel_size)
-
-
-def _env_kwargs(cfg: GRPOConfig) -> dict[str, Any]:
-    # The engine passes tasks per rollout and its own shared sandbox.
-    kwargs = cfg.env_kwargs()
-    return {k: v for k, v in kwargs.items() if k not in ("tasks", "split", "sandbox")}
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _validate(engine: RolloutEngine, val_tasks: list, chunk: int, seed: int) -> dict[str, float]:
-    """Greedy episodes of this rank's share of the validation tasks; metrics over all ranks."""
-    rank, world = get_rank(), get_world_size()
-    mine = val_tasks[rank::world]
-    summaries = []
-    for start in range(0, len(mine), chunk):
-        for t in engine.rollout(mine[start:start + chunk], n=1, seed=seed + start):
-            summaries.append(episode_summary(t))
-    return validation_metrics(gather_lists(summaries))
+def _or_empty(row: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros(0) if row is None else row
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,15 +214,18 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("algo.mini_batch_size", a.mini_batch_size)):
         if value % world:
             raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
-    if r.backend == "vllm":
-        _check_vllm()  # fail before loading the weights, not after
+    check_rollout_backend(r)  # fail before loading the weights, not after
     output_dir = Path(t.output_dir)
-    _seed_everything(t.seed + rank)
+    seed_everything(t.seed + rank)
 
     # ---- policy, reference, optimizer -------------------------------------------------------
-    # Each rank holds a full replica and gradients are averaged in `update_step`: Policy.logprobs
-    # calls the decoder below the model's root module, which DDP's and FSDP2's hooks would miss.
+    # trainer.fsdp: FSDP2 shards the policy over the ranks and reduces its gradients itself;
+    # otherwise each rank holds a full replica and `update_step` averages the gradients.
     policy = load_policy(cfg, dist_info.device)
+    if t.fsdp and world > 1:
+        fsdp2_wrap(policy.model, mixed_precision=None)  # the weights keep model.dtype, as unsharded
+    # Rollouts and scoring run a different number of forwards on each rank: on gathered weights.
+    gathered = functools.partial(fsdp2_gathered, policy.model)
     reference = None
     if a.kl.coef > 0:
         reference = policy if policy.is_peft else load_policy(cfg, dist_info.device, trainable=False)
@@ -367,9 +234,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, a, t.total_steps * updates_per_step)
 
     # ---- data ---------------------------------------------------------------------------------
-    train_tasks = load_tasks(cfg.env.tasks, split=cfg.env.split, seed=t.seed)
-    val_source = load_tasks(cfg.env.val_tasks or cfg.env.tasks, split=cfg.env.val_split, seed=t.seed)
-    val_tasks = [val_source[i] for i in range(min(t.val_size, len(val_source)))]
+    train_tasks, val_tasks = load_task_splits(cfg)
     sampler = PromptSampler(len(train_tasks), seed=t.seed)
 
     # ---- resume -------------------------------------------------------------------------------
@@ -389,14 +254,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
 
         # ---- rollout engines (one sandbox pool shared by training and validation) -----------------
         sandbox = cleanup.enter_context(Sandbox(**cfg.env.sandbox.to_kwargs()))
-        generator = _generator(policy, cfg)
-        engine_kwargs = dict(sandbox=sandbox, env_kwargs=_env_kwargs(cfg), max_total_tokens=r.max_total_tokens)
-        engine = cleanup.enter_context(RolloutEngine(
-            generator, sampling=dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
-        val_engine = cleanup.enter_context(RolloutEngine(
-            generator, sampling=dict(temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k,
-                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
+        engine, val_engine = (cleanup.enter_context(e) for e in build_engines(cfg, make_generator(policy, r), sandbox))
         if checkpoint is not None:
             engine.update_weights(policy.model)  # a separate generator (vLLM) starts from model.path's weights
         val_chunk = max(1, r.prompts_per_step * r.n // world)
@@ -405,7 +263,8 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
         last_metrics: dict[str, float] = {}
         step = start_step
         if t.val_before_train and start_step == 0 and val_tasks:
-            val_metrics = _validate(val_engine, val_tasks, val_chunk, seed=t.seed)
+            with gathered():
+                val_metrics = validate(val_engine, val_tasks, val_chunk, seed=t.seed)
             tracker.log(val_metrics, step=0)
             last_metrics.update(val_metrics)
 
@@ -418,7 +277,8 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             mine = indices[rank::world]
             prompts = [train_tasks[i] for i in mine]
             group_ids = [f"step{step}-prompt{rank + k * world}" for k in range(len(prompts))]
-            trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
+            with gathered():
+                trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
             # step_s: waiting for env steps (the sandbox) once generation is done; not the overlapped part.
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
@@ -433,11 +293,12 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             # KL in the reward shapes every trajectory's advantage; in the loss only those trained on.
             scored = [k or (reference is not None and not a.kl.in_loss) for k in keep]
             ref_logprobs = old_logprobs = None
-            if reference is not None:
-                ref_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size, reference)
-            if r.backend != "hf":
-                # Another engine's log-probs differ from the trainer's numerics: the ratio must start at 1.
-                old_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size)
+            with gathered():
+                if reference is not None:
+                    ref_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size, reference)
+                if r.backend != "hf":
+                    # Another engine's log-probs differ from the trainer's numerics: the ratio must start at 1.
+                    old_logprobs = _logprobs_where(policy, trajectories, scored, a.micro_batch_size)
             kl_G = torch.zeros_like(rewards_G)  # KL summed over each trajectory's sampled tokens
             if reference is not None and not a.kl.in_loss:
                 for i, tr in enumerate(trajectories):
@@ -455,24 +316,14 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             engine.update_weights(policy.model)
 
             # 7. log (figures of every rank), validate, checkpoint
-            summaries = gather_lists([episode_summary(tr, float(rw)) for tr, rw in zip(trajectories, rewards_G)])
-            sampled_tokens = sum(s["response_length"] for s in summaries)
-            timing = all_reduce_mean({"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s})
+            timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             actor_metrics.setdefault("lr", optimizer.param_groups[0]["lr"])
-            actor_metrics = all_reduce_mean(actor_metrics)
-            kept = sum(gather_lists([bool(k) for k in keep]))
             metrics = {
-                **rollout_metrics(summaries),
-                **actor_metrics,
-                **timing,
+                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, sum(keep)),
+                **all_reduce_mean(actor_metrics),
                 "time/step": time.perf_counter() - step_start,
-                "throughput/tokens_per_s": sampled_tokens / max(timing["time/rollout"], 1e-9),
-                "throughput/episodes_per_s": len(summaries) / max(timing["time/rollout"], 1e-9),
-                "data/trajectories_in_loss": float(kept),
                 "data/epoch": float(sampler.epoch),
             }
-            if reward_cfg.beta > 0:
-                metrics["reward/necessity"] = sum(gather_lists(adjustments)) / len(summaries) / reward_cfg.beta
             if reference is not None and not a.kl.in_loss:
                 kl_per_token = float(kl_G.sum()) / max(1, sum(tr.num_sampled_tokens for tr in trajectories))
                 metrics["actor/kl"] = all_reduce_mean({"kl": kl_per_token})["kl"]
@@ -482,7 +333,8 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                 tracker.log_table("samples/train", rows, images, step=step)
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
                 val_start = time.perf_counter()
-                metrics.update(_validate(val_engine, val_tasks, val_chunk, seed=t.seed))
+                with gathered():
+                    metrics.update(validate(val_engine, val_tasks, val_chunk, seed=t.seed))
                 metrics["time/validation"] = time.perf_counter() - val_start
             tracker.log(metrics, step=step)
             last_metrics.update(metrics)
@@ -502,25 +354,11 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
         last_metrics=last_metrics,
     )
     if is_main():
-        _print_summary(summary)
+        print_run_summary("GRPO", summary, ("reward/total", "val/acc", "actor/kl", "actor/loss"),
+                          "the same command resumes from it; raise trainer.total_steps to train on",
+                          [f"  samples:       {summary['output_dir']}/tables/ (trajectories with their images)"])
     destroy_distributed()
     return summary
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    m = summary["last_metrics"]
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("reward/total", "val/acc", "actor/kl", "actor/loss") if k in m)
-    lines = [
-        f"GRPO finished at step {summary['steps']}" + (f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else ""),
-        f"  last figures:  {shown or 'none'}",
-        f"  run folder:    {summary['output_dir']}",
-        f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
-        f"  samples:       {summary['output_dir']}/tables/ (trajectories with their images)",
-        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (the same command resumes from it; raise trainer.total_steps to train on)",
-        f"  W&B:           {summary['wandb_mode']}" + (f" (files in {summary['output_dir']}/wandb; `wandb sync` uploads)"
-                                                     if summary["wandb_mode"] == "offline" else ""),
-    ]
-    print("\n".join(lines), flush=True)
 
 
 @hydra_main("grpo")

@@ -25,41 +25,47 @@ commented) and `algos/ppo_config.py`.
 from __future__ import annotations
 
 import contextlib
-import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from agents.policy import Policy
-from agents.rollout import RolloutEngine, Trajectory
+from agents.rollout import Trajectory
 from algos.advantages import gae_advantages, whiten
 from algos.checkpoint import is_complete, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from algos.config import config_to_dict, hydra_main
 from algos.critic import Critic, load_critic, logprobs_and_values, score_values
-from algos.distributed import all_reduce_mean, destroy_distributed, get_rank, get_world_size, init_distributed, is_main
-from algos.grpo import group_reward_terms, load_policy, loss_keep_mask, score_trajectories
+from algos.distributed import all_reduce_mean, destroy_distributed, get_world_size, init_distributed, is_main
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
 from algos.ppo_config import PPOConfig
-from algos.tracking import Tracker
+from algos.rollouts import (
+    build_engines,
+    check_rollout_backend,
+    group_reward_terms,
+    load_task_splits,
+    loss_keep_mask,
+    make_generator,
+    step_metrics,
+    validate,
+)
+from algos.tracking import Tracker, print_run_summary
 from algos.train_step import (
     PromptSampler,
     all_reduce_gradients,
     build_optimizer,
     build_scheduler,
-    episode_summary,
-    gather_lists,
+    group_minibatches,
+    load_policy,
     mean_metrics,
-    rollout_metrics,
+    pad_rows,
     sample_table,
+    score_trajectories,
+    seed_everything,
     update_step,
-    validation_metrics,
 )
 from cv_env.sandbox import Sandbox
-from cv_env.tasks import load_tasks
 
 __all__ = ["run", "main", "token_advantages", "ppo_update", "critic_checkpoint_path"]
 
@@ -67,14 +73,6 @@ __all__ = ["run", "main", "token_advantages", "ppo_update", "critic_checkpoint_p
 # --------------------------------------------------------------------------------------------
 # Advantages: GAE over each trajectory's sampled tokens
 # --------------------------------------------------------------------------------------------
-
-
-def _pad(rows: Sequence[Sequence[float] | torch.Tensor], width: int | None = None) -> torch.Tensor:
-    width = max(len(row) for row in rows) if width is None else width
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for b, row in enumerate(rows):
-        out[b, :len(row)] = torch.as_tensor(row, dtype=torch.float32)
-    return out
 
 
 def token_advantages(
@@ -105,10 +103,10 @@ def token_advantages(
         raise ValueError(f"got {len(values)} value rows for {len(trajectories)} trajectories: give one per trajectory")
     if not trajectories:
         return [], []
-    rewards_BT = _pad([t.token_rewards for t in trajectories])
+    rewards_BT = pad_rows([t.token_rewards for t in trajectories])
     width = rewards_BT.shape[1]
-    mask_BT = _pad([t.loss_mask for t in trajectories], width)
-    values_BT = _pad([v[:len(t)] for v, t in zip(values, trajectories)], width)
+    mask_BT = pad_rows([t.loss_mask for t in trajectories], width)
+    values_BT = pad_rows([v[:len(t)] for v, t in zip(values, trajectories)], width)
     if adjustments is not None:
         for b, (t, adjustment) in enumerate(zip(trajectories, adjustments)):
             if adjustment and not t.turn_ends:
@@ -116,7 +114,7 @@ def token_advantages(
             if adjustment:
                 rewards_BT[b, t.turn_ends[-1]] += float(adjustment)
     if kl is not None and kl_coef > 0:
-        rewards_BT = kl_in_reward(rewards_BT, _pad(kl, width), mask_BT, kl_coef)
+        rewards_BT = kl_in_reward(rewards_BT, pad_rows(kl, width), mask_BT, kl_coef)
     advantages_BT, returns_BT = gae_advantages(rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
     lengths = [len(t) for t in trajectories]
     return ([advantages_BT[b, :n] for b, n in enumerate(lengths)], [returns_BT[b, :n] for b, n in enumerate(lengths)])
@@ -184,22 +182,16 @@ def ppo_update(
     optimizers / schedulers: (policy's, critic's). old_logprobs: default the sampler's.
     Returns actor/* and critic/* metrics averaged over the optimizer steps, `lr` (the policy's).
     """
-    algo, c, world = cfg.algo, cfg.critic, get_world_size()
+    algo, c = cfg.algo, cfg.critic
     (actor_optimizer, critic_optimizer), (actor_scheduler, critic_scheduler) = optimizers, schedulers
     kl_in_loss = train_policy and algo.kl.in_loss and algo.kl.coef > 0
     if kl_in_loss and ref_logprobs is None:
         raise ValueError("algo.kl.coef > 0 with algo.kl.in_loss needs the reference log-probs (ref_logprobs)")
     max_len = cfg.rollout.max_total_tokens
     device = policy.device
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(trajectories):
-        groups.setdefault(t.group_id, []).append(i)
-    group_lists = list(groups.values())
-    prompts_per_update = max(1, algo.mini_batch_size // world)
-
     def micro_batch(indices: list[int]) -> dict[str, Any]:
         # Only the loss mask now (update_step weighs micro-batches by it); loss_fn collates.
-        return {"indices": indices, "loss_mask": _pad([trajectories[i].loss_mask for i in indices])}
+        return {"indices": indices, "loss_mask": pad_rows([trajectories[i].loss_mask for i in indices])}
 
     def loss_fn(micro: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         indices = micro["indices"]
@@ -207,7 +199,7 @@ def ppo_update(
         width = batch["input_ids"].shape[1]
 
         def rows(per_trajectory: Sequence[torch.Tensor]) -> torch.Tensor:
-            return _pad([per_trajectory[i] for i in indices], width).to(device)
+            return pad_rows([per_trajectory[i] for i in indices], width).to(device)
 
         mask_BT = batch["loss_mask"]
         if train_policy:
@@ -253,29 +245,25 @@ def ppo_update(
     policy.train()
     critic.train()
     per_update: list[dict[str, float]] = []
-    for epoch in range(algo.ppo_epochs):
-        # A local generator: the order is reproducible and leaves the global RNG (checkpointed) alone.
-        order = np.random.default_rng([seed, epoch]).permutation(len(group_lists)) if epoch else range(len(group_lists))
-        ordered = [group_lists[g] for g in order]
-        for start in range(0, max(1, len(ordered)), prompts_per_update):
-            members = [i for group in ordered[start:start + prompts_per_update] for i in group]
-            micro_batches = [micro_batch(members[k:k + algo.micro_batch_size])
-                             for k in range(0, len(members), algo.micro_batch_size)]
-            if not train_policy:
-                stats = update_step(micro_batches, loss_fn, critic_params, critic_optimizer, critic_scheduler,
-                                    grad_clip=c.grad_clip, agg=algo.loss_agg, metric_names=metric_names)
-                if stats is not None:
-                    stats["critic/grad_norm"], stats["critic/lr"] = stats.pop("grad_norm"), stats.pop("lr")
-                    per_update.append(stats)
-                continue
-            critic_optimizer.zero_grad(set_to_none=True)
-            stats = update_step(micro_batches, loss_fn, actor_params, actor_optimizer, actor_scheduler,
-                                grad_clip=algo.grad_clip, agg=algo.loss_agg, metric_names=metric_names)
-            if stats is None:  # no rank had a loss token: nothing was computed, nothing steps
-                continue
-            stats["actor/grad_norm"], stats["lr"] = stats.pop("grad_norm"), stats.pop("lr")
-            stats.update(_step_critic(critic_params, critic_optimizer, critic_scheduler, c.grad_clip))
-            per_update.append(stats)
+    prompts_per_update = max(1, algo.mini_batch_size // get_world_size())
+    for members in group_minibatches(trajectories, prompts_per_update, algo.ppo_epochs, seed):
+        micro_batches = [micro_batch(members[k:k + algo.micro_batch_size])
+                         for k in range(0, len(members), algo.micro_batch_size)]
+        if not train_policy:
+            stats = update_step(micro_batches, loss_fn, critic_params, critic_optimizer, critic_scheduler,
+                                grad_clip=c.grad_clip, agg=algo.loss_agg, metric_names=metric_names)
+            if stats is not None:
+                stats["critic/grad_norm"], stats["critic/lr"] = stats.pop("grad_norm"), stats.pop("lr")
+                per_update.append(stats)
+            continue
+        critic_optimizer.zero_grad(set_to_none=True)
+        stats = update_step(micro_batches, loss_fn, actor_params, actor_optimizer, actor_scheduler,
+                            grad_clip=algo.grad_clip, agg=algo.loss_agg, metric_names=metric_names)
+        if stats is None:  # no rank had a loss token: nothing was computed, nothing steps
+            continue
+        stats["actor/grad_norm"], stats["lr"] = stats.pop("grad_norm"), stats.pop("lr")
+        stats.update(_step_critic(critic_params, critic_optimizer, critic_scheduler, c.grad_clip))
+        per_update.append(stats)
     if not per_update:
         return {"data/updates": 0.0}
     out = mean_metrics(per_update)
@@ -299,36 +287,6 @@ def critic_checkpoint_path(policy_checkpoint: str | Path) -> Path:
     return policy_checkpoint.parent.parent / "critic" / "checkpoints" / policy_checkpoint.name
 
 
-def _generator(policy: Policy, cfg: PPOConfig):
-    """What samples the rollouts: the policy itself (hf) or a vLLM engine fed its weights."""
-    if cfg.rollout.backend == "hf":
-        return policy
-    from agents.vllm_backend import VLLMBackend, vllm_available
-
-    if not vllm_available():
-        raise RuntimeError(
-            "rollout.backend=vllm needs the vllm package and a CUDA GPU: pip install -e '.[vllm]' on a GPU machine, "
-            "or sample with transformers: rollout.backend=hf"
-        )
-    return VLLMBackend(policy, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                       max_model_len=cfg.rollout.max_total_tokens,
-                       tensor_parallel_size=cfg.rollout.tensor_parallel_size)
-
-
-def _validate_policy(engine: RolloutEngine, val_tasks: list, chunk: int, seed: int) -> dict[str, float]:
-    """Greedy episodes of this rank's share of the validation tasks; metrics over all ranks."""
-    rank, world = get_rank(), get_world_size()
-    mine = val_tasks[rank::world]
-    summaries = []
-    for start in range(0, len(mine), chunk):
-        summaries.extend(episode_summary(t) for t in engine.rollout(mine[start:start + chunk], n=1, seed=seed + start))
-    return validation_metrics(gather_lists(summaries))
-
-
-def _rows_where(rows: Sequence[torch.Tensor] | None, keep: Sequence[int]) -> list[torch.Tensor] | None:
-    return None if rows is None else [rows[i] for i in keep]
-
-
 # --------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------
@@ -342,10 +300,12 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("algo.mini_batch_size", a.mini_batch_size)):
         if value % world:
             raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
+    if t.fsdp and world > 1:
+        raise ValueError("trainer.fsdp=true is supported by algos.grpo only: PPO keeps a full policy and critic on "
+                         "every rank; set trainer.fsdp=false")
+    check_rollout_backend(r)  # fail before loading the weights, not after
     output_dir = Path(t.output_dir)
-    random.seed(t.seed + rank)
-    np.random.seed((t.seed + rank) % 2**32)
-    torch.manual_seed(t.seed + rank)
+    seed_everything(t.seed + rank)
 
     # ---- policy, critic, reference, optimizers -------------------------------------------------
     policy = load_policy(cfg, dist_info.device)
@@ -361,9 +321,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     critic_scheduler = build_scheduler(critic_optimizer, cfg.critic_algo(), t.total_steps * updates_per_step)
 
     # ---- data ---------------------------------------------------------------------------------
-    train_tasks = load_tasks(cfg.env.tasks, split=cfg.env.split, seed=t.seed)
-    val_source = load_tasks(cfg.env.val_tasks or cfg.env.tasks, split=cfg.env.val_split, seed=t.seed)
-    val_tasks = [val_source[i] for i in range(min(t.val_size, len(val_source)))]
+    train_tasks, val_tasks = load_task_splits(cfg)
     sampler = PromptSampler(len(train_tasks), seed=t.seed)
 
     # ---- resume: the policy's checkpoint, then its critic -------------------------------------
@@ -390,15 +348,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
 
         # ---- rollout engines (one sandbox pool shared by training and validation) -------------
         sandbox = cleanup.enter_context(Sandbox(**cfg.env.sandbox.to_kwargs()))
-        generator = _generator(policy, cfg)
-        env_kwargs = {k: v for k, v in cfg.env_kwargs().items() if k not in ("tasks", "split", "sandbox")}
-        engine_kwargs = dict(sandbox=sandbox, env_kwargs=env_kwargs, max_total_tokens=r.max_total_tokens)
-        engine = cleanup.enter_context(RolloutEngine(
-            generator, sampling=dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
-        val_engine = cleanup.enter_context(RolloutEngine(
-            generator, sampling=dict(temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k,
-                                     max_new_tokens=r.max_new_tokens), **engine_kwargs))
+        engine, val_engine = (cleanup.enter_context(e) for e in build_engines(cfg, make_generator(policy, r), sandbox))
         if checkpoint is not None:
             engine.update_weights(policy.model)  # a separate generator (vLLM) starts from model.path's weights
         val_chunk = max(1, r.prompts_per_step * r.n // world)
@@ -407,7 +357,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         last_metrics: dict[str, float] = {}
         step = start_step
         if t.val_before_train and start_step == 0 and val_tasks:
-            val_metrics = _validate_policy(val_engine, val_tasks, val_chunk, seed=t.seed)
+            val_metrics = validate(val_engine, val_tasks, val_chunk, seed=t.seed)
             tracker.log(val_metrics, step=0)
             last_metrics.update(val_metrics)
 
@@ -462,22 +412,14 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             # 7. new weights to the generator; log (figures of every rank), validate, checkpoint
             if train_policy:
                 engine.update_weights(policy.model)
-            summaries = gather_lists([episode_summary(tr, float(rw)) for tr, rw in zip(trajectories, rewards_G)])
-            sampled_tokens = sum(s["response_length"] for s in summaries)
-            timing = all_reduce_mean({"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s})
+            timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             metrics = {
-                **rollout_metrics(summaries),
+                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, len(keep)),
                 **all_reduce_mean({**update_metrics, **critic_metrics}),
-                **timing,
                 "time/step": time.perf_counter() - step_start,
-                "throughput/tokens_per_s": sampled_tokens / max(timing["time/rollout"], 1e-9),
-                "throughput/episodes_per_s": len(summaries) / max(timing["time/rollout"], 1e-9),
-                "data/trajectories_in_loss": float(sum(gather_lists([len(keep)]))),
                 "data/critic_warmup": float(not train_policy),
                 "data/epoch": float(sampler.epoch),
             }
-            if reward_cfg.beta > 0:
-                metrics["reward/necessity"] = sum(gather_lists(adjustments)) / len(summaries) / reward_cfg.beta
             if kl is not None:
                 kl_per_token = float(sum(k.sum() for k in kl)) / max(1, sum(tr.num_sampled_tokens for tr in kept))
                 metrics["actor/kl"] = all_reduce_mean({"kl": kl_per_token})["kl"]
@@ -491,7 +433,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 tracker.log_table("samples/train", rows, images, step=step)
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
                 val_start = time.perf_counter()
-                metrics.update(_validate_policy(val_engine, val_tasks, val_chunk, seed=t.seed))
+                metrics.update(validate(val_engine, val_tasks, val_chunk, seed=t.seed))
                 metrics["time/validation"] = time.perf_counter() - val_start
             tracker.log(metrics, step=step)
             last_metrics.update(metrics)
@@ -514,25 +456,11 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         last_metrics=last_metrics,
     )
     if is_main():
-        _print_summary(summary)
+        print_run_summary("PPO", summary, ("reward/total", "val/acc", "actor/kl", "actor/loss", "critic/value_loss",
+                                           "critic/explained_variance"),
+                          "critic beside it under critic/; the same command resumes")
     destroy_distributed()
     return summary
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    m = summary["last_metrics"]
-    keys = ("reward/total", "val/acc", "actor/kl", "actor/loss", "critic/value_loss", "critic/explained_variance")
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m and m[k] is not None and math.isfinite(m[k]))
-    lines = [
-        f"PPO finished at step {summary['steps']}" + (f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else ""),
-        f"  last figures:  {shown or 'none'}",
-        f"  run folder:    {summary['output_dir']}",
-        f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
-        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (critic beside it under critic/; the same command resumes)",
-        f"  W&B:           {summary['wandb_mode']}" + (f" (files in {summary['output_dir']}/wandb; `wandb sync` uploads)"
-                                                     if summary["wandb_mode"] == "offline" else ""),
-    ]
-    print("\n".join(lines), flush=True)
 
 
 @hydra_main("ppo")

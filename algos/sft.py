@@ -22,7 +22,6 @@ oracle before training when `data.oracle.tasks` is set. Configuration: `conf/sft
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ from algos.config import config_to_dict, hydra_main
 from algos.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed, is_main
 from algos.sft_config import SFTConfig
 from algos.sft_data import SFTExamples, build_examples, micro_batches, read_records
-from algos.tracking import Tracker
-from algos.train_step import PromptSampler, build_optimizer, build_scheduler, update_step
+from algos.tracking import Tracker, print_run_summary
+from algos.train_step import PromptSampler, build_optimizer, build_scheduler, seed_everything, update_step
 
 __all__ = ["run", "main", "load_sft_policy", "prepare_data", "sft_loss", "validation_loss", "export_hf",
            "HF_DIR"]
@@ -244,12 +243,6 @@ def _prune_exports(root: Path, keep_last: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns a summary (steps, paths of the checkpoint and the HF folder,
     last metrics)."""
@@ -257,7 +250,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     rank, world = dist_info.rank, dist_info.world_size
     a, t = cfg.algo, cfg.trainer
     output_dir = Path(t.output_dir)
-    _seed_everything(t.seed + rank)
+    seed_everything(t.seed + rank)
 
     policy = load_sft_policy(cfg, dist_info.device)
     train, val, data_figures = prepare_data(cfg, policy, output_dir)
@@ -336,26 +329,11 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         last_metrics=last_metrics,
     )
     if is_main():
-        _print_summary(summary)
+        print_run_summary("SFT", summary, ("actor/loss", "val/loss"), "run the same command again to continue",
+                          [f"  HF model:      {summary['hf_model'] or 'none'}  (GRPO from it: python -m algos.grpo ... "
+                           f"model.path={summary['hf_model']})"])
     destroy_distributed()
     return summary
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    m = summary["last_metrics"]
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("actor/loss", "val/loss") if k in m)
-    lines = [
-        f"SFT finished at step {summary['steps']}" + (f" (resumed from {summary['resumed_from']})"
-                                                       if summary["resumed_from"] else ""),
-        f"  last figures:  {shown or 'none'}",
-        f"  run folder:    {summary['output_dir']}",
-        f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
-        f"  checkpoint:    {summary['checkpoint'] or 'none'}  (run the same command again to continue)",
-        f"  HF model:      {summary['hf_model'] or 'none'}  (GRPO from it: python -m algos.grpo ... "
-        f"model.path={summary['hf_model']})",
-        f"  W&B:           {summary['wandb_mode']}",
-    ]
-    print("\n".join(lines), flush=True)
 
 
 @hydra_main("sft")

@@ -60,7 +60,8 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
-__all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "check_metric_name", "read_metrics"]
+__all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "check_metric_name", "read_metrics",
+           "print_run_summary"]
 
 NAMESPACES = ("reward", "val", "tool", "episode", "actor", "critic", "time", "throughput", "data")
 STANDALONE = ("lr",)
@@ -383,3 +384,30 @@ class Tracker:
 
     def __exit__(self, *exc: Any) -> None:
         self.finish()
+
+
+def print_run_summary(algorithm: str, summary: Mapping[str, Any], figures: Sequence[str], checkpoint_note: str,
+                      extra_lines: Sequence[str] = ()) -> None:
+    """The console report at the end of a training run (rank 0 only, by the caller).
+
+    summary: the trainer's summary (steps, resumed_from, output_dir, metrics_path, checkpoint,
+    wandb_mode, last_metrics). figures: the metric names to show from its last metrics (missing
+    or non-finite ones are left out). checkpoint_note: how to continue from the checkpoint.
+    extra_lines: lines of the trainer's own, after the metrics line.
+    """
+    m = summary["last_metrics"]
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in figures
+                      if isinstance(m.get(k), (int, float)) and math.isfinite(m[k]))
+    resumed = f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else ""
+    wandb_note = (f" (files in {summary['output_dir']}/wandb; `wandb sync` uploads)"
+                  if summary["wandb_mode"] == "offline" else "")
+    lines = [
+        f"{algorithm} finished at step {summary['steps']}{resumed}",
+        f"  last figures:  {shown or 'none'}",
+        f"  run folder:    {summary['output_dir']}",
+        f"  metrics:       {summary['metrics_path'] or 'off (logger.metrics_jsonl=null)'}",
+        *extra_lines,
+        f"  checkpoint:    {summary['checkpoint'] or 'none'}  ({checkpoint_note})",
+        f"  W&B:           {summary['wandb_mode']}{wandb_note}",
+    ]
+    print("\n".join(lines), flush=True)

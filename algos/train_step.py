@@ -1,7 +1,11 @@
 """The pieces of a policy-gradient trainer that GRPO and PPO share, free of either algorithm.
 
+    seed_everything(cfg.trainer.seed + rank)
+    policy = load_policy(cfg, device)                        # + load_policy(..., trainable=False): a reference
     sampler = PromptSampler(len(tasks), seed=0)             # data position; checkpointed
     indices = sampler.draw(64)                               # the next 64 prompts, epoch by epoch
+    logprobs = score_trajectories(policy, trajectories, micro_batch_size=8)   # no grad, 1-D each
+    for members in group_minibatches(trajectories, prompts_per_update=4, epochs=2, seed=0): ...
     optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
     scheduler = build_scheduler(optimizer, cfg.algo, total_updates)
     stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=1.0, agg="token-mean")
@@ -17,18 +21,25 @@ exact aggregate over the whole mini-batch whatever the micro-batch size or numbe
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from agents.policy import Policy
 from algos.distributed import get_world_size, is_distributed
 
 __all__ = [
+    "seed_everything",
+    "load_policy",
+    "score_trajectories",
     "PromptSampler",
+    "group_minibatches",
+    "pad_rows",
     "build_optimizer",
     "build_scheduler",
     "loss_weight",
@@ -41,6 +52,65 @@ __all__ = [
     "gather_lists",
     "sample_table",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (checkpoints save and restore them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_policy(cfg: Any, device: torch.device, trainable: bool = True) -> Policy:
+    """The policy of `cfg.model` (LoRA / frozen vision tower when asked); `trainable=False`
+    gives the frozen reference copy (no adapters, eval mode, no gradients)."""
+    m = cfg.model
+    lora = None
+    if trainable and m.lora.enabled:
+        lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout,
+                "target_modules": list(m.lora.target_modules)}
+    policy = Policy.load(
+        m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing and trainable, lora=lora,
+        freeze_vision=m.freeze_vision and trainable,
+    )
+    if not trainable:
+        policy.eval()
+        for p in policy.model.parameters():
+            p.requires_grad_(False)
+    return policy
+
+
+def score_trajectories(policy: Policy, trajectories: Sequence[Any], micro_batch_size: int,
+                       reference: Policy | None = None) -> list[Tensor]:
+    """Log-probs of each trajectory's tokens (1-D, target-aligned, 0 off the loss mask), no grad.
+
+    reference: score with this frozen policy; `reference is policy` under LoRA means the base
+    model with the adapters disabled.
+    """
+    scorer = reference or policy
+    out: list[Tensor] = []
+    was_training = policy.model.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(trajectories), micro_batch_size):
+                chunk = trajectories[start:start + micro_batch_size]
+                batch = policy.collate(chunk)
+                if reference is not None and reference is policy:
+                    with policy.with_adapter_disabled():
+                        logprobs_BT, _ = policy.logprobs(batch)
+                else:
+                    logprobs_BT, _ = scorer.logprobs(batch)
+                out.extend(logprobs_BT[b, :len(t.token_ids)].cpu() for b, t in enumerate(chunk))
+    finally:
+        policy.train(was_training)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +160,40 @@ class PromptSampler:
                 "trainer.seed, or start a new run (trainer.resume=never or another trainer.output_dir)"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def group_minibatches(trajectories: Sequence[Any], prompts_per_update: int, epochs: int, seed: int,
+                      keep: Sequence[bool] | None = None) -> Iterator[list[int]]:
+    """The trajectory indices of each mini-batch of an update phase: `epochs` passes over the
+    groups (`group_id`, in order of first appearance), `prompts_per_update` groups a mini-batch.
+
+    The first pass keeps the rollout order; later ones shuffle the groups with a local generator
+    seeded by (seed, epoch), so the order is reproducible and the global RNG (checkpointed) is
+    left alone. keep: leave out the trajectories marked False. A step without trajectories still
+    yields one empty mini-batch per epoch, so every data-parallel rank takes the same number of
+    optimizer steps.
+    """
+    if prompts_per_update < 1:
+        raise ValueError(f"prompts_per_update must be >= 1, got {prompts_per_update}")
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(trajectories):
+        groups.setdefault(t.group_id, []).append(i)
+    group_lists = list(groups.values())
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(group_lists)) if epoch else range(len(group_lists))
+        ordered = [group_lists[g] for g in order]
+        for start in range(0, max(1, len(ordered)), prompts_per_update):
+            yield [i for group in ordered[start:start + prompts_per_update] for i in group if keep is None or keep[i]]
+
+
+def pad_rows(rows: Sequence[Sequence[float] | Tensor], width: int | None = None) -> Tensor:
+    """[len(rows), width] float32 on the CPU: each 1-D row at the left, zeros after it
+    (width: default the longest row)."""
+    width = max((len(row) for row in rows), default=0) if width is None else width
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.as_tensor(row, dtype=torch.float32)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +265,14 @@ def _global_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def _global_max(value: int) -> int:
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_gradients(params: Sequence[Tensor], bucket_bytes: int = 256 * 2**20) -> None:
     """Average gradients over data-parallel ranks (a parameter without a gradient counts as 0).
 
@@ -203,6 +315,7 @@ def update_step(
     agg: str,
     sync_gradients: bool = True,
     metric_names: Sequence[str] | None = None,
+    lockstep: bool = False,
 ) -> dict[str, float] | None:
     """One optimizer step over a mini-batch given as micro-batches; call on every rank together.
 
@@ -218,6 +331,11 @@ def update_step(
         grad_clip: max global gradient norm.
         agg: the loss aggregation mode `loss_fn` uses (decides the accumulation weights).
         sync_gradients: average gradients over ranks here (models not wrapped in DDP/FSDP).
+        lockstep: run equally many forward/backward passes on every rank, as an FSDP2 model
+            needs (each pass gathers its weights and reduces its gradients, collectives that all
+            ranks join): micro-batches without loss tokens still run, and a rank with fewer
+            micro-batches runs its first one again; such passes are scaled by 0. Every rank must
+            then pass at least one micro-batch (its loss_fn collating real tokens).
         metric_names: the names `loss_fn` reports; given, the metrics are averaged over every
             rank's micro-batches (a rank without loss tokens reports none of its own). Needed
             under data parallelism so every rank returns the same names.
@@ -236,9 +354,13 @@ def update_step(
     world = get_world_size()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
-    for micro, weight in zip(micro_batches, weights):
-        if weight == 0:
-            continue
+    passes = [(micro, weight) for micro, weight in zip(micro_batches, weights) if weight > 0 or lockstep]
+    if lockstep:
+        if not micro_batches:
+            raise ValueError("update_step(lockstep=True) needs at least one micro-batch on every rank: pass one "
+                             "with a zero loss_mask (it runs scaled by 0) where this rank has nothing to train on")
+        passes += [(micro_batches[0], 0.0)] * (_global_max(len(micro_batches)) - len(micro_batches))
+    for micro, weight in passes:
         loss, metrics = loss_fn(micro)
         scale = weight * world / global_total
         (loss * scale).backward()

@@ -277,3 +277,118 @@ def test_fsdp2_shards_layers_and_checkpoints_round_trip_on_gpu(tmp_path):
     nproc = min(2, torch.cuda.device_count())
     res = _run_fsdp_worker(tmp_path, nproc, {})
     assert res == {"world_size": nproc, "restored": True, "step": 1, "data_state": {"position": 8}, "finite": True}
+
+
+FSDP_POLICY_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sys.path.insert(0, sys.argv[2])
+    from test_policy import _trajectory
+    from agents.policy import Policy
+    from algos import distributed as D
+    from algos.train_step import update_step
+
+    out = sys.argv[1]
+    info = D.init_distributed()
+    rank = dist.get_rank()
+    reference = Policy.load("tiny:qwen2_5_vl")  # the same weights on both ranks, unsharded
+    policy = Policy.load("tiny:qwen2_5_vl")
+    D.fsdp2_wrap(policy.model, mixed_precision=None)
+    batches = [policy.collate([_trajectory(policy, seed)]) for seed in (0, 1)]
+    mine = batches[rank]  # each rank trains on its own trajectory
+
+    with torch.no_grad():
+        sharded_lp, sharded_ent = policy.logprobs(mine)
+        full_lp, full_ent = reference.logprobs(mine)
+    head_resharded = type(policy.model.lm_head.weight).__name__ == "DTensor"
+
+    def loss_fn(micro):  # micro: the batch, and the loss mask that weighs it in update_step
+        batch = micro["batch"]
+        logprobs_BT, _ = policy.logprobs(batch)
+        return -(logprobs_BT * batch["loss_mask"]).sum() / batch["loss_mask"].sum(), {}
+
+    def step(micro_batches, lockstep):
+        # The trainers' optimizer step; FSDP2 reduce-scatters the gradients itself (sync_gradients=False).
+        return update_step(micro_batches, loss_fn, list(policy.parameters()), optimizer, scheduler, grad_clip=1e9,
+                           agg="token-mean", sync_gradients=False, lockstep=lockstep)
+
+    def reference_step():
+        # By hand on the unsharded model: the token mean over both trajectories, one SGD step.
+        reference.model.zero_grad()
+        tokens = sum(b["loss_mask"].sum() for b in batches)
+        loss = sum(-(reference.logprobs(b)[0] * b["loss_mask"]).sum() for b in batches) / tokens
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1e9)
+        torch.optim.SGD(list(reference.parameters()), lr=0.5).step()
+        return float(grad_norm)
+
+    def param_diff():
+        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True))
+        expected = reference.model.state_dict()
+        return full, expected, max(float((full[k].float() - expected[k].float()).abs().max()) for k in expected)
+
+    optimizer = torch.optim.SGD(list(policy.parameters()), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    initial = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    stats = step([{"batch": mine, "loss_mask": mine["loss_mask"]}], lockstep=False)  # one trajectory per rank
+    ref_grad_norm = reference_step()
+    full, expected, first_diff = param_diff()
+    # Lock-step: rank 0 trains on both trajectories, rank 1 has nothing to train on and runs a
+    # zero-weight pass twice (FSDP2's collectives need equally many passes on every rank).
+    nothing = {"batch": mine, "loss_mask": torch.zeros_like(mine["loss_mask"])}
+    uneven = [{"batch": b, "loss_mask": b["loss_mask"]} for b in batches] if rank == 0 else [nothing]
+    lockstep_stats = step(uneven, lockstep=True)
+    lockstep_ref_grad_norm = reference_step()
+    _, _, lockstep_diff = param_diff()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({
+            "logprobs_diff": float((sharded_lp - full_lp).abs().max()),
+            "entropy_diff": float((sharded_ent - full_ent).abs().max()),
+            "scored_tokens": int((mine["loss_mask"] > 0).sum()),
+            "head_resharded": head_resharded,
+            "same_names": sorted(full) == sorted(expected),
+            "param_diff": first_diff, "lockstep_param_diff": lockstep_diff,
+            "moved": max(float((expected[k] - initial[k]).abs().max()) for k in expected),
+            "grad_norm": stats["grad_norm"], "ref_grad_norm": ref_grad_norm,
+            "lockstep_grad_norm": lockstep_stats["grad_norm"], "lockstep_ref_grad_norm": lockstep_ref_grad_norm,
+            "params": {k: full[k].flatten()[:64].tolist() for k in ("lm_head.weight", "model.language_model.norm.weight")
+                       if k in full},
+        }, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_fsdp2_policy_logprobs_and_step_match_the_unsharded_model_on_cpu(tmp_path):
+    # Policy.logprobs reads the LM head outside the model's forward: under FSDP2 it must gather
+    # the root unit's weight itself, in forward and in backward (gloo over CPU, as on GPUs). And
+    # update_step(lockstep=True) keeps the ranks' collectives paired when their work is uneven.
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    script = tmp_path / "fsdp_policy_worker.py"
+    script.write_text(FSDP_POLICY_WORKER)
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script), str(out), str(REPO / "tests")],
+        capture_output=True, text=True, env=env, timeout=280,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["scored_tokens"] > 0
+        assert r["logprobs_diff"] < 1e-5 and r["entropy_diff"] < 1e-5
+        assert r["head_resharded"]  # scoring without gradients does not leave the root gathered
+        assert r["same_names"]
+        assert r["moved"] > 1e-3  # the step really changed the weights ...
+        assert r["param_diff"] < 1e-5  # ... exactly as one step on both ranks' data at once
+        assert abs(r["grad_norm"] - r["ref_grad_norm"]) < 1e-4 * r["ref_grad_norm"]
+        # Uneven micro-batches in lock-step: the zero-weight passes add nothing to the step.
+        assert r["lockstep_param_diff"] < 1e-5
+        assert abs(r["lockstep_grad_norm"] - r["lockstep_ref_grad_norm"]) < 1e-4 * r["lockstep_ref_grad_norm"]
+    assert ranks[0]["params"] and ranks[0]["params"] == ranks[1]["params"]  # both ranks hold the same weights

@@ -172,3 +172,24 @@ def test_vector_envs(mode):
     assert terminated.tolist() == [False, True]
     assert obs["images"][0][0].dtype == np.uint8
     envs.close()
+
+
+def test_a_thousand_random_episodes_run_without_an_exception(sandbox):
+    """Random turns (good, useless, failing, hostile and malformed) across the whole suite."""
+    from agents.scripted import RandomAgent
+
+    env = gym.make("CodeVision-v0", tasks="synthetic", sandbox=sandbox, max_turns=4, max_pixels=256 * 256)
+    ended = 0
+    for seed in range(1000):
+        agent = RandomAgent(seed=seed)
+        obs, _ = env.reset(seed=seed)
+        agent.reset(env.unwrapped.task)
+        paid, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+            paid += reward
+            done = terminated or truncated
+        assert paid == pytest.approx(info["reward_components"]["total"])
+        assert env.observation_space.contains(obs)
+        ended += 1
+    assert ended == 1000

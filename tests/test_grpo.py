@@ -18,7 +18,8 @@ from safetensors.torch import load_file  # noqa: E402
 from agents.policy import Policy  # noqa: E402
 from agents.rollout import Trajectory  # noqa: E402
 from algos.config import load_config  # noqa: E402
-from algos.grpo import compute_advantages, group_reward_terms, grpo_update, loss_keep_mask, run  # noqa: E402
+from algos.grpo import compute_advantages, grpo_update, run  # noqa: E402
+from algos.rollouts import group_reward_terms, loss_keep_mask  # noqa: E402
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
 from algos.train_step import (  # noqa: E402
@@ -339,9 +340,12 @@ out = sys.argv[1]
 real_save = grpo.save_checkpoint
 
 def save_and_record(output_dir, step, model, *args, **kwargs):
-    # Every rank records the weights it trained, to compare the replicas.
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-               os.path.join(out, f"weights_rank{os.environ['RANK']}.pt"))
+    # Every rank records the full weights it holds (gathered from the shards under FSDP2).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    torch.save({n: p.detach().clone() for n, p in weights.items()}, os.path.join(out, f"weights_rank{os.environ['RANK']}.pt"))
+    torch.save({"sharded": any(type(p).__name__ == "DTensor" for p in model.parameters())},
+               os.path.join(out, f"layout_rank{os.environ['RANK']}.pt"))
     return real_save(output_dir, step, model, *args, **kwargs)
 
 grpo.save_checkpoint = save_and_record
@@ -349,7 +353,10 @@ summary = grpo.run(load_config(sys.argv[2:] + [f"trainer.output_dir={out}"]))
 '''
 
 
-def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_path, fsdp):
+    # trainer.fsdp=true runs the FSDP2 path of a GPU run (gathered rollouts and scoring, lock-step
+    # updates, reduce-scattered gradients, sharded checkpoints) over gloo on the CPU.
     import socket
     import subprocess
     import sys
@@ -363,8 +370,8 @@ def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_
     replaced = ("algo.mini_batch_size", "trainer.sample_table_every")
     overrides = [o for o in TINY_RUN if not o.startswith(replaced)]
     overrides += ["algo.mini_batch_size=2", "trainer.total_steps=1", "trainer.val_before_train=false",
-                  "trainer.sample_table_every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                  "trainer.sample_table_every=0", f"trainer.fsdp={str(fsdp).lower()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
          str(tmp_path / "run"), *overrides],
@@ -375,8 +382,10 @@ def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_
     rank1 = torch.load(tmp_path / "run" / "weights_rank1.pt")
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were averaged
-    initial = dict(Policy.load("tiny:qwen2_5_vl", dtype="float32").model.named_parameters())
+    initial = Policy.load("tiny:qwen2_5_vl", dtype="float32").model.state_dict()
+    assert rank0.keys() == initial.keys()
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # and they did train
+    assert torch.load(tmp_path / "run" / "layout_rank0.pt") == {"sharded": fsdp}
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]  # rank 0 logged both ranks' episodes
     assert record["step"] == 1 and "val/acc" in record and record["data/trajectories_in_loss"] == 4
 

@@ -1,0 +1,200 @@
+"""End-to-end learning proof on CPU (issue 9): oracle demos -> SFT -> GRPO, evaluated at each stage.
+
+    python bench/learn_curve.py                         # the full recipe (~30+ min on 2 free cores)
+    python bench/learn_curve.py --sft-steps 60 --grpo-steps 6 --eval-n 48    # a shorter run
+
+Stages, each the project's own entry point run as a subprocess (what a user would type):
+  1+2. `python -m algos.sft +exp=tiny_learn_sft`: records oracle demonstrations of the easy
+       `glyph_orientation` category (train split), then fine-tunes a small random Qwen2.5-VL
+       (`agents.small`, 1.7 M parameters) on them;
+  3.   `python -m algos.grpo +exp=tiny_learn model.path=<SFT folder>`;
+  4.   `python -m algos.evaluate` on the held-out test split (greedy) with the random model, the
+       SFT model and the GRPO model: success rate (answer accuracy) and mean shaped reward.
+
+Prints the table and each stage's wall time, writes `<out>/learn_curve.png` (SFT validation loss,
+GRPO training reward and validation accuracy, the three held-out evaluations) and
+`<out>/summary.json`, and logs them to a W&B offline run in `<out>/wandb`. Every stage's own run
+folder (metrics.jsonl, W&B files, checkpoints, report.json) stays under `<out>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+CATEGORY = "glyph_orientation"
+CHANCE = 0.25  # four answer choices
+
+
+def run_stage(name: str, args: list[str], log: Path) -> float:
+    """Run `python -m <args>` with output to `log`; return its wall time; raise naming the log on failure."""
+    start = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: python -m {' '.join(args)}", flush=True)
+    with open(log, "w") as handle:
+        code = subprocess.call([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"stage {name!r} failed with exit code {code}: see {log}")
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def evaluate(name: str, model_path: str, out: Path, n: int, checkpoint: str | None = None) -> dict:
+    """Greedy evaluation on the held-out test split; returns success rate, mean reward, episodes, seconds."""
+    folder = out / f"eval_{name}"
+    overrides = [
+        f"model={model_path}", f"tasks={CATEGORY}", "split=test", f"n={n}", "robustness=false",
+        "max_turns=3", "max_new_tokens=96", "max_total_tokens=1400", "max_pixels=12544",  # as the training runs
+        "oracle=false", "cases=0", "write_transcripts=false", f"output_dir={folder}",
+        "logger=offline", f"logger.name=learn-eval-{name}",
+    ]
+    if checkpoint:
+        overrides.append(f"checkpoint={checkpoint}")
+    seconds = run_stage(f"evaluate {name}", ["algos.evaluate", *overrides], out / f"eval_{name}.log")
+    report = json.loads((folder / "report.json").read_text())
+    agent = next(iter(report["agents"].values()))
+    return {"success": agent["accuracy"], "reward": agent["reward"], "episodes": agent["episodes"],
+            "tool_calls": agent["tool_calls"], "fmt": agent["reward_components"].get("fmt", 0.0), "seconds": seconds}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def latest(folder: Path) -> Path:
+    steps = sorted(p for p in folder.iterdir() if p.name.startswith("step_"))
+    if not steps:
+        raise FileNotFoundError(f"no step_* folder in {folder}: did the stage finish?")
+    return steps[-1]
+
+
+def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: dict) -> Path:
+    """The learning curve: SFT validation loss | GRPO reward and validation accuracy | held-out table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    val = [(m["step"], m["val/loss"]) for m in sft_metrics if m.get("val/loss") is not None]
+    train = [(m["step"], m["actor/loss"]) for m in sft_metrics if m.get("actor/loss") is not None]
+    if train:
+        axes[0].plot(*zip(*train), alpha=0.4, label="train loss")
+    if val:
+        axes[0].plot(*zip(*val), marker="o", label="validation loss")
+    axes[0].set(title="SFT on oracle demonstrations", xlabel="optimizer step", ylabel="cross-entropy (assistant tokens)")
+    axes[0].legend()
+
+    reward = [(m["step"], m["reward/total"]) for m in grpo_metrics if m.get("reward/total") is not None]
+    acc = [(m["step"], m["val/acc"]) for m in grpo_metrics if m.get("val/acc") is not None]
+    if reward:
+        axes[1].plot(*zip(*reward), alpha=0.6, label="train reward/total (T=1)")
+    if acc:
+        axes[1].plot(*zip(*acc), marker="o", label="val/acc (greedy)")
+    axes[1].axhline(CHANCE, color="grey", linestyle=":", label="chance (4 choices)")
+    axes[1].set(title="GRPO from the SFT checkpoint", xlabel="GRPO step")
+    axes[1].legend()
+
+    names = list(table)
+    axes[2].bar(names, [table[k]["success"] for k in names], color=["#999", "#4a7", "#47a"][: len(names)])
+    for i, k in enumerate(names):
+        axes[2].text(i, table[k]["success"] + 0.01, f"{table[k]['success']:.0%}\nR={table[k]['reward']:.2f}",
+                     ha="center", va="bottom")
+    axes[2].axhline(CHANCE, color="grey", linestyle=":")
+    episodes = table[names[0]]["episodes"] if names else 0
+    axes[2].set(title=f"held-out test success ({episodes} episodes, greedy)", ylim=(0, 1), ylabel="success rate")
+    fig.tight_layout()
+    path = out / "learn_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_wandb(out: Path, table: dict, times: dict, png: Path, config: dict) -> None:
+    """One offline W&B run holding the table, the stage times and the curve."""
+    import wandb
+
+    run = wandb.init(project="codevision-gym", name="learn-curve", dir=str(out), mode=os.environ["WANDB_MODE"],
+                     config=config, reinit=True)
+    rows = [[k, v["success"], v["reward"], v["episodes"]] for k, v in table.items()]
+    run.log({"val/learn_table": wandb.Table(columns=["stage", "success", "mean_reward", "episodes"], data=rows),
+             "val/learn_curve": wandb.Image(str(png)),
+             **{f"time/{k}": v for k, v in times.items()},
+             **{f"val/acc/{k}": v["success"] for k, v in table.items()},
+             **{f"val/reward/{k}": v["reward"] for k, v in table.items()}})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/learn", help="folder of every stage's run (must not hold a previous run)")
+    parser.add_argument("--model", default="small", help="small (agents.small, 1.7 M) | tiny:<family> | a folder")
+    parser.add_argument("--demos", type=int, default=768, help="oracle demonstrations to record")
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (batch 32)")
+    parser.add_argument("--grpo-steps", type=int, default=60, help="GRPO steps (4 prompts x 8 samples)")
+    parser.add_argument("--grpo-val-every", type=int, default=10, help="GRPO validation period in steps")
+    parser.add_argument("--eval-n", type=int, default=128, help="held-out test episodes per evaluation")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: give a new --out (the trainers would resume from its checkpoints)")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model == "small":
+        from agents.small import small_model_dir
+
+        model = str(small_model_dir())
+    else:
+        model = args.model
+    times: dict[str, float] = {}
+    table: dict[str, dict] = {}
+
+    table["before SFT"] = evaluate("random", model, out, args.eval_n)
+    times["eval_random"] = table["before SFT"]["seconds"]
+
+    sft_dir = out / "sft"
+    times["sft"] = run_stage("SFT (demos + training)", [
+        "algos.sft", "+exp=tiny_learn_sft", f"model.path={model}", f"data.oracle.num_tasks={args.demos}",
+        f"trainer.total_steps={args.sft_steps}", f"trainer.val_every={max(1, args.sft_steps // 6)}",
+        f"trainer.output_dir={sft_dir}", "logger.progress_bar=false",
+    ], out / "sft.log")
+    sft_model = str(latest(sft_dir / "hf"))
+    table["after SFT"] = evaluate("sft", sft_model, out, args.eval_n)
+    times["eval_sft"] = table["after SFT"]["seconds"]
+
+    grpo_dir = out / "grpo"
+    times["grpo"] = run_stage("GRPO", [
+        "algos.grpo", "+exp=tiny_learn", f"model.path={sft_model}", f"trainer.total_steps={args.grpo_steps}",
+        f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", "logger.progress_bar=false",
+    ], out / "grpo.log")
+    table["after GRPO"] = evaluate("grpo", sft_model, out, args.eval_n, checkpoint=str(grpo_dir))
+    times["eval_grpo"] = table["after GRPO"]["seconds"]
+
+    png = draw(out, read_metrics(sft_dir / "metrics.jsonl"), read_metrics(grpo_dir / "metrics.jsonl"), table)
+    summary = {"table": table, "seconds": times, "png": str(png), "args": vars(args), "model": model,
+               "sft_model": sft_model, "grpo_run": str(grpo_dir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        log_wandb(out, table, times, png, summary)
+    except Exception as error:  # noqa: BLE001 - the figures above are the result; W&B is a copy of them
+        print(f"W&B logging failed ({error}); the figures are in {out / 'summary.json'}")
+
+    print(f"\n{'stage':<12} {'success':>8} {'mean reward':>12} {'episodes':>9}   (chance {CHANCE:.0%})")
+    for name, row in table.items():
+        print(f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['episodes']:>9}")
+    print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+          + f" (total {sum(times.values()) / 60:.1f} min)")
+    print(f"curve: {png}\nsummary: {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
