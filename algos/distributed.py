@@ -2,6 +2,7 @@
 
     info = init_distributed()          # reads RANK / WORLD_SIZE / LOCAL_RANK; no-op without them
     model = wrap_model(model, info)     # FSDP2 on CUDA, DDP on CPU, unchanged in one process
+    with fsdp2_gathered(model): ...     # full weights for forwards that ranks run unequally often
     stats = all_reduce_mean({"reward/total": 0.4, "actor/kl": 0.01})
     if is_main(): tracker.log(stats, step)
 
@@ -221,8 +222,8 @@ def fsdp2_wrap(
     Sharding every repeated block separately lets FSDP gather one layer's weights at a time; the
     root call picks up the rest (embeddings, norms, head). The LM head must stay in the root unit:
     `agents.policy.Policy.logprobs` applies it outside the model's forward and gathers the root
-    for it. Requires an active process group
-    (NCCL on GPUs; gloo on CPU works too, which is how the tests exercise it).
+    for it. Requires an active process group (NCCL on GPUs; gloo on CPU works too, which is how
+    the tests exercise it).
 
     Args:
         model: the policy, on this rank's device.
@@ -291,9 +292,9 @@ def fsdp2_gathered(model: nn.Module) -> Iterator[nn.Module]:
     FSDP2 gathers each unit's weights in its forward, a collective that every rank must join
     equally often. Rollouts and scoring do not fit that: each rank generates until its own
     sequences stop and scores as many micro-batches as it kept. Inside this context those
-    forwards run on the gathered weights, any number of times per rank. Enter and leave it on
-    every rank together (both are collectives); use it without gradients (it holds the full
-    weights, so training's memory saving is suspended while it lasts).
+    forwards run on the gathered weights, any number of times per rank. Enter it on every rank
+    together (gathering is a collective); use it without gradients (it holds the full weights,
+    so training's memory saving is suspended while it lasts).
     """
     from torch.distributed.fsdp import FSDPModule
 

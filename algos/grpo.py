@@ -14,7 +14,10 @@ with DAPO's clip-higher, over-long masking and dynamic sampling (Yu et al. 2025)
        shaped reward); every save_every steps a checkpoint that `trainer.resume=auto` continues
 
 Under `torchrun` every rank rolls out and trains on its own prompts; gradients are averaged and
-rank 0 logs. Configuration: `conf/grpo.yaml` (every key commented) and `algos/config.py`.
+rank 0 logs. With `trainer.fsdp=true` the policy is sharded over the ranks with FSDP2: rollouts
+and scoring run on gathered weights (`fsdp2_gathered`), the updates in lock-step. The pieces GRPO
+shares with PPO live in `algos.rollouts` (before the algorithm) and `algos.train_step` (the
+optimizer side). Configuration: `conf/grpo.yaml` (every key commented) and `algos/config.py`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from algos.rollouts import (
     load_task_splits,
     loss_keep_mask,
     make_generator,
+    sample_table,
     step_metrics,
     validate,
 )
@@ -63,7 +67,6 @@ from algos.train_step import (
     load_policy,
     mean_metrics,
     pad_rows,
-    sample_table,
     score_trajectories,
     seed_everything,
     update_step,

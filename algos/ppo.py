@@ -47,20 +47,20 @@ from algos.rollouts import (
     load_task_splits,
     loss_keep_mask,
     make_generator,
+    sample_table,
     step_metrics,
     validate,
 )
 from algos.tracking import Tracker, print_run_summary
 from algos.train_step import (
     PromptSampler,
-    all_reduce_gradients,
     build_optimizer,
     build_scheduler,
     group_minibatches,
     load_policy,
     mean_metrics,
+    optimizer_step,
     pad_rows,
-    sample_table,
     score_trajectories,
     seed_everything,
     update_step,
@@ -138,19 +138,6 @@ def _gae_metrics(values: Sequence[torch.Tensor], advantages: Sequence[torch.Tens
 # --------------------------------------------------------------------------------------------
 # Scoring and the update
 # --------------------------------------------------------------------------------------------
-
-
-def _step_critic(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
-                 grad_clip: float) -> dict[str, float]:
-    """The critic's optimizer step on the gradients the joint backward left on its parameters."""
-    all_reduce_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    lr = optimizer.param_groups[0]["lr"]
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"critic/grad_norm": float(grad_norm), "critic/lr": float(lr)}
 
 
 def ppo_update(
@@ -262,7 +249,9 @@ def ppo_update(
         if stats is None:  # no rank had a loss token: nothing was computed, nothing steps
             continue
         stats["actor/grad_norm"], stats["lr"] = stats.pop("grad_norm"), stats.pop("lr")
-        stats.update(_step_critic(critic_params, critic_optimizer, critic_scheduler, c.grad_clip))
+        # The critic steps on the gradients the same backward left on its parameters.
+        stats["critic/grad_norm"], stats["critic/lr"] = optimizer_step(critic_params, critic_optimizer,
+                                                                       critic_scheduler, c.grad_clip)
         per_update.append(stats)
     if not per_update:
         return {"data/updates": 0.0}

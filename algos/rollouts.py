@@ -1,4 +1,5 @@
-"""A training step's rollouts, as GRPO and PPO both get them: before either algorithm begins.
+"""A training step's rollouts as GRPO and PPO both get them, and their figures: all that comes
+before either algorithm begins.
 
     train_tasks, val_tasks = load_task_splits(cfg)
     engine, val_engine = build_engines(cfg, make_generator(policy, cfg.rollout), sandbox)
@@ -7,21 +8,24 @@
     keep = loss_keep_mask(trajectories, rewards_G, mask_truncated=True, dynamic_sampling=False)
     metrics = step_metrics(trajectories, rewards_G, adjustments, beta, timings, sum(keep))   # reward/..., tool/...
     metrics = validate(val_engine, val_tasks, chunk=16, seed=0)              # val/acc, ...
+    rows, images = sample_table(policy.tokenizer, policy.image_token_id, trajectories, rewards, advantages, 8)
 
 A group is the rollouts of one prompt (`Trajectory.group_id`): group terms and dynamic sampling
 compare a trajectory with the others of its group. `cfg` is a `GRPOConfig` (or `PPOConfig`).
+The figures' names are the shared vocabulary of `algos.tracking`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from agents.policy import Policy
 from agents.rollout import RolloutEngine, Trajectory
 from algos.distributed import all_reduce_mean, get_rank, get_world_size
-from algos.train_step import episode_summary, gather_lists, rollout_metrics, validation_metrics
+from algos.train_step import gather_lists
 from cv_env.reward import RewardConfig, apply_necessity
 from cv_env.tasks import load_tasks
 
@@ -35,6 +39,10 @@ __all__ = [
     "group_reward_terms",
     "loss_keep_mask",
     "step_metrics",
+    "episode_summary",
+    "rollout_metrics",
+    "validation_metrics",
+    "sample_table",
 ]
 
 
@@ -174,3 +182,94 @@ def step_metrics(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, ad
     if beta > 0:
         metrics["reward/necessity"] = sum(gather_lists(list(adjustments))) / max(1, len(summaries)) / beta
     return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Figures of episodes
+# --------------------------------------------------------------------------------------------
+
+
+def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, Any]:
+    """The plain, picklable figures of one `agents.rollout.Trajectory` that the metrics read
+    (small enough to gather from every data-parallel rank).
+
+    reward: the reward the update used (e.g. with group terms added); default the trajectory's.
+    """
+    summary = {
+        "category": trajectory.category,
+        "reward": float(trajectory.reward if reward is None else reward),
+        "components": {k: float(v) for k, v in trajectory.reward_components.items() if k != "total"},
+        "success": bool(trajectory.success),
+        "num_tool_calls": int(trajectory.num_tool_calls),
+        "num_turns": int(trajectory.num_turns),
+        "response_length": int(trajectory.num_sampled_tokens),
+        "truncated": bool(trajectory.truncated),
+        "num_failed_calls": int(trajectory.num_failed_calls),
+        "used_ops": sorted(set(trajectory.used_ops)),
+    }
+    return summary
+
+
+def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
+    reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
+    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success."""
+    if not summaries:
+        return {}
+    n = len(summaries)
+    out = {"reward/total": sum(s["reward"] for s in summaries) / n}
+    components: dict[str, float] = defaultdict(float)
+    for s in summaries:
+        for name, value in s["components"].items():
+            components[name] += value
+    out.update({f"reward/{name}": total / n for name, total in components.items()})
+    calls = sum(s["num_tool_calls"] for s in summaries)
+    out["tool/calls_per_episode"] = calls / n
+    failed = sum(s["num_failed_calls"] for s in summaries)
+    out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
+    op_counts: dict[str, int] = defaultdict(int)
+    for s in summaries:
+        for op in s["used_ops"]:
+            op_counts[op] += 1
+    out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
+    out["episode/turns"] = sum(s["num_turns"] for s in summaries) / n
+    out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
+    out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
+    out["episode/success"] = sum(s["success"] for s in summaries) / n
+    return out
+
+
+def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
+    val/reward/total and val/tool/calls_per_episode, from greedy `episode_summary`s."""
+    if not summaries:
+        return {}
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for s in summaries:
+        by_category[s["category"]].append(s["success"])
+    n = len(summaries)
+    out = {
+        "val/acc": sum(s["success"] for s in summaries) / n,
+        "val/reward/total": sum(s["reward"] for s in summaries) / n,
+        "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
+    }
+    out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
+    return out
+
+
+def sample_table(tokenizer: Any, image_token_id: int, trajectories: Sequence[Any], rewards: Sequence[float],
+                 advantages: Sequence[float], rows: int, max_chars: int = 4000) -> tuple[list[dict], list[list]]:
+    """Rows and images of a `Tracker.log_table` of the first `rows` trajectories: task, reward,
+    advantage, outcome, and the transcript after the prompt (image placeholders left out)."""
+    table, images = [], []
+    for i, t in enumerate(trajectories[:rows]):
+        ids = [token for token in t.token_ids[t.prompt_length:] if token != image_token_id]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        table.append({
+            "task_id": t.task_id, "category": t.category, "reward": float(rewards[i]),
+            "advantage": float(advantages[i]), "success": bool(t.success), "answer": t.answer,
+            "turns": t.num_turns, "tool_calls": t.num_tool_calls, "truncated": t.truncation or "no",
+            "transcript": text if len(text) <= max_chars else text[:max_chars] + " ...",
+        })
+        images.append(list(t.images))
+    return table, images

@@ -9,7 +9,6 @@
     optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
     scheduler = build_scheduler(optimizer, cfg.algo, total_updates)
     stats = update_step(micro_batches, loss_fn, params, optimizer, scheduler, grad_clip=1.0, agg="token-mean")
-    metrics = rollout_metrics([episode_summary(t) for t in trajectories])
 
 `update_step` is one optimizer step over a mini-batch split into micro-batches (gradient
 accumulation). Each micro-batch's loss is normalised by its own tokens (see
@@ -44,13 +43,10 @@ __all__ = [
     "build_scheduler",
     "loss_weight",
     "all_reduce_gradients",
+    "optimizer_step",
     "update_step",
-    "episode_summary",
-    "rollout_metrics",
-    "validation_metrics",
     "mean_metrics",
     "gather_lists",
-    "sample_table",
 ]
 
 
@@ -305,6 +301,26 @@ def all_reduce_gradients(params: Sequence[Tensor], bucket_bytes: int = 256 * 2**
                 offset += grad.numel()
 
 
+def optimizer_step(params: Sequence[Tensor], optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
+                   sync_gradients: bool = True) -> tuple[float, float]:
+    """Step on the gradients the parameters hold: average them over ranks (`sync_gradients`, for
+    models not wrapped in DDP/FSDP), clip their global norm to `grad_clip`, step the optimizer
+    and the schedule, clear them. Returns (the norm before clipping, the lr of this step).
+
+    A non-finite gradient skips the optimizer step (it would destroy the weights); the schedule
+    still advances, and the caller sees the norm.
+    """
+    if sync_gradients:
+        all_reduce_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), float(lr)
+
+
 def update_step(
     micro_batches: Sequence[Mapping[str, Any]],
     loss_fn: Callable[[Mapping[str, Any]], tuple[Tensor, Mapping[str, Tensor]]],
@@ -345,6 +361,9 @@ def update_step(
         "grad_norm" (before clipping) and "lr" (of this step); None when no rank had any loss
         token (no optimizer step is taken).
     """
+    if lockstep and not micro_batches:
+        raise ValueError("update_step(lockstep=True) needs at least one micro-batch on every rank: pass one "
+                         "with a zero loss_mask (it runs scaled by 0) where this rank has nothing to train on")
     weights = [loss_weight(micro["loss_mask"], agg) for micro in micro_batches]
     local_total = sum(weights)
     # The ranks' gradients are averaged, so a rank's micro-batch weighs world * w / global total.
@@ -356,9 +375,6 @@ def update_step(
     sums: dict[str, float] = defaultdict(float)
     passes = [(micro, weight) for micro, weight in zip(micro_batches, weights) if weight > 0 or lockstep]
     if lockstep:
-        if not micro_batches:
-            raise ValueError("update_step(lockstep=True) needs at least one micro-batch on every rank: pass one "
-                             "with a zero loss_mask (it runs scaled by 0) where this rank has nothing to train on")
         passes += [(micro_batches[0], 0.0)] * (_global_max(len(micro_batches)) - len(micro_batches))
     for micro, weight in passes:
         loss, metrics = loss_fn(micro)
@@ -366,15 +382,7 @@ def update_step(
         (loss * scale).backward()
         for name, value in metrics.items():
             sums[name] += float(value) * weight
-    if sync_gradients:
-        all_reduce_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    lr = optimizer.param_groups[0]["lr"]
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    # A non-finite gradient skips the step (it would destroy the weights); the caller sees it in grad_norm.
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, lr = optimizer_step(params, optimizer, scheduler, grad_clip, sync_gradients)
     names = sorted(sums) if metric_names is None else list(metric_names)
     totals = [sums[name] for name in names] + [local_total]
     if metric_names is not None and is_distributed():
@@ -382,7 +390,7 @@ def update_step(
         dist.all_reduce(reduced)
         totals = reduced.tolist()
     out = {name: value / totals[-1] for name, value in zip(names, totals)} if totals[-1] else {}
-    out.update(grad_norm=float(grad_norm), lr=float(lr))
+    out.update(grad_norm=grad_norm, lr=lr)
     return out
 
 
@@ -413,89 +421,3 @@ def mean_metrics(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
             sums[name] += float(value)
             counts[name] += 1
     return {name: sums[name] / counts[name] for name in sums}
-
-
-def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, Any]:
-    """The plain, picklable figures of one `agents.rollout.Trajectory` that the metrics read
-    (small enough to gather from every data-parallel rank).
-
-    reward: the reward the update used (e.g. with group terms added); default the trajectory's.
-    """
-    summary = {
-        "category": trajectory.category,
-        "reward": float(trajectory.reward if reward is None else reward),
-        "components": {k: float(v) for k, v in trajectory.reward_components.items() if k != "total"},
-        "success": bool(trajectory.success),
-        "num_tool_calls": int(trajectory.num_tool_calls),
-        "num_turns": int(trajectory.num_turns),
-        "response_length": int(trajectory.num_sampled_tokens),
-        "truncated": bool(trajectory.truncated),
-        "num_failed_calls": int(trajectory.num_failed_calls),
-        "used_ops": sorted(set(trajectory.used_ops)),
-    }
-    return summary
-
-
-def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
-    reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
-    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success."""
-    if not summaries:
-        return {}
-    n = len(summaries)
-    out = {"reward/total": sum(s["reward"] for s in summaries) / n}
-    components: dict[str, float] = defaultdict(float)
-    for s in summaries:
-        for name, value in s["components"].items():
-            components[name] += value
-    out.update({f"reward/{name}": total / n for name, total in components.items()})
-    calls = sum(s["num_tool_calls"] for s in summaries)
-    out["tool/calls_per_episode"] = calls / n
-    failed = sum(s["num_failed_calls"] for s in summaries)
-    out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
-    op_counts: dict[str, int] = defaultdict(int)
-    for s in summaries:
-        for op in s["used_ops"]:
-            op_counts[op] += 1
-    out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
-    out["episode/turns"] = sum(s["num_turns"] for s in summaries) / n
-    out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
-    out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
-    out["episode/success"] = sum(s["success"] for s in summaries) / n
-    return out
-
-
-def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
-    val/reward/total and val/tool/calls_per_episode, from greedy `episode_summary`s."""
-    if not summaries:
-        return {}
-    by_category: dict[str, list[bool]] = defaultdict(list)
-    for s in summaries:
-        by_category[s["category"]].append(s["success"])
-    n = len(summaries)
-    out = {
-        "val/acc": sum(s["success"] for s in summaries) / n,
-        "val/reward/total": sum(s["reward"] for s in summaries) / n,
-        "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
-    }
-    out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
-    return out
-
-
-def sample_table(tokenizer: Any, image_token_id: int, trajectories: Sequence[Any], rewards: Sequence[float],
-                 advantages: Sequence[float], rows: int, max_chars: int = 4000) -> tuple[list[dict], list[list]]:
-    """Rows and images of a `Tracker.log_table` of the first `rows` trajectories: task, reward,
-    advantage, outcome, and the transcript after the prompt (image placeholders left out)."""
-    table, images = [], []
-    for i, t in enumerate(trajectories[:rows]):
-        ids = [token for token in t.token_ids[t.prompt_length:] if token != image_token_id]
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        table.append({
-            "task_id": t.task_id, "category": t.category, "reward": float(rewards[i]),
-            "advantage": float(advantages[i]), "success": bool(t.success), "answer": t.answer,
-            "turns": t.num_turns, "tool_calls": t.num_tool_calls, "truncated": t.truncation or "no",
-            "transcript": text if len(text) <= max_chars else text[:max_chars] + " ...",
-        })
-        images.append(list(t.images))
-    return table, images

@@ -2,6 +2,10 @@
 
     python bench/learn_curve.py                         # the full recipe (~30+ min on 2 free cores)
     python bench/learn_curve.py --sft-steps 60 --grpo-steps 6 --eval-n 48    # a shorter run
+    OMP_NUM_THREADS=1 python bench/learn_curve.py ...   # on a machine shared with other jobs
+
+On a shared 2-core machine, two processes that each run 2 OpenMP threads make both spin at their
+barriers: SFT steps of 3 s took 45-80 s. One thread per process is slower alone but steady.
 
 Stages, each the project's own entry point run as a subprocess (what a user would type):
   1+2. `python -m algos.sft +exp=tiny_learn_sft`: records oracle demonstrations of the easy

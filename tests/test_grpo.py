@@ -19,17 +19,16 @@ from agents.policy import Policy  # noqa: E402
 from agents.rollout import Trajectory  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update, run  # noqa: E402
-from algos.rollouts import group_reward_terms, loss_keep_mask  # noqa: E402
+from algos.rollouts import episode_summary, group_reward_terms, loss_keep_mask, rollout_metrics, validation_metrics  # noqa: E402
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
 from algos.train_step import (  # noqa: E402
     PromptSampler,
     build_optimizer,
     build_scheduler,
-    episode_summary,
-    rollout_metrics,
+    group_minibatches,
+    pad_rows,
     update_step,
-    validation_metrics,
 )
 from cv_env.reward import RewardConfig  # noqa: E402
 
@@ -311,6 +310,49 @@ def test_update_step_without_loss_tokens_takes_no_step():
     stats = update_step([{"loss_mask": torch.zeros(2, 3)}], lambda b: (weight * 0, {}), [weight], optimizer,
                         scheduler, grad_clip=1.0, agg="token-mean")
     assert stats is None and float(weight) == 1.0
+
+
+def test_lockstep_runs_every_micro_batch_but_steps_on_the_loss_tokens_only():
+    calls = []
+
+    def run_with(lockstep):
+        weight = torch.nn.Parameter(torch.tensor(1.0))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        micro = [{"name": "empty", "loss_mask": torch.zeros(1, 2)}, {"name": "real", "loss_mask": torch.ones(1, 2)}]
+
+        def loss_fn(batch):
+            calls.append((lockstep, batch["name"]))
+            return (weight - 3.0) ** 2, {}
+
+        update_step(micro, loss_fn, [weight], optimizer, scheduler, grad_clip=1e9, agg="token-mean", lockstep=lockstep)
+        return float(weight)
+
+    # d/dw (w - 3)^2 at 1 is -4: one SGD step of lr 1 gives 5, whether or not the empty one ran.
+    assert run_with(False) == run_with(True) == 5.0
+    assert calls == [(False, "real"), (True, "empty"), (True, "real")]
+    with pytest.raises(ValueError, match="at least one micro-batch"):
+        weight = torch.nn.Parameter(torch.tensor(1.0))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        update_step([], lambda b: (weight, {}), [weight], optimizer, None, grad_clip=1.0, agg="token-mean",
+                    lockstep=True)
+
+
+def test_minibatches_take_whole_groups_and_reshuffle_after_the_first_epoch():
+    trajectories = [_traj(g, 0) for g in ("a", "a", "b", "b", "c", "c")]
+    batches = list(group_minibatches(trajectories, prompts_per_update=2, epochs=2, seed=5,
+                                     keep=[True, False, True, True, True, True]))
+    assert batches[:2] == [[0, 2, 3], [4, 5]]  # the rollout order first; trajectory 1 left out
+    assert len(batches) == 4 and sorted(i for b in batches[2:] for i in b) == [0, 2, 3, 4, 5]
+    assert all(set(b) in ({0}, {2, 3}, {4, 5}, {0, 2, 3}, {0, 4, 5}, {2, 3, 4, 5}) for b in batches[2:])
+    assert batches == list(group_minibatches(trajectories, 2, 2, seed=5, keep=[True, False, True, True, True, True]))
+    assert list(group_minibatches([], prompts_per_update=2, epochs=2, seed=0)) == [[], []]  # every rank steps alike
+
+
+def test_pad_rows_left_aligns_rows_with_zeros_after():
+    padded = pad_rows([[1.0, 2.0], torch.tensor([3.0]), []], width=3)
+    assert padded.dtype == torch.float32 and padded.tolist() == [[1, 2, 0], [3, 0, 0], [0, 0, 0]]
+    assert pad_rows([[1.0], [2.0, 3.0]]).shape == (2, 2)
 
 
 def test_rollout_and_validation_metrics_by_hand():
