@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 from PIL import Image
 
+from agents.jsonl import json_lines, safe_name
+
 
 @dataclass(frozen=True, eq=False)
 class Trajectory:
@@ -105,7 +107,7 @@ def write_jsonl(trajectories: Iterable[Trajectory], path: str | os.PathLike, ima
     with open(path, "a", encoding="utf-8") as f:
         for trajectory in trajectories:
             group = "" if trajectory.group_id == trajectory.task_id else f"{trajectory.group_id}-"
-            stem = _safe_name(f"{group}{trajectory.task_id}-{trajectory.sample_index}")
+            stem = safe_name(f"{group}{trajectory.task_id}-{trajectory.sample_index}")
             paths = []
             for i, image in enumerate(trajectory.images):
                 relative = f"{image_dir}/{stem}-{i}.png"
@@ -118,18 +120,4 @@ def write_jsonl(trajectories: Iterable[Trajectory], path: str | os.PathLike, ima
 def read_jsonl(path: str | os.PathLike) -> list[Trajectory]:
     """Read the trajectories `write_jsonl` wrote (images loaded from their PNG files)."""
     path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not a JSON line ({error.msg})") from error
-            out.append(Trajectory.from_json(data, base_dir=path.parent))
-    return out
-
-
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
+    return [Trajectory.from_json(data, base_dir=path.parent) for data in json_lines(path)]

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from agents.jsonl import json_lines, safe_name
 from cv_env.protocol import parse_action, parse_turn, render_tool_call
 from cv_env.task import Task
 
@@ -315,7 +316,7 @@ def write_transcripts(transcripts: Iterable[Transcript], path: str | os.PathLike
     (path.parent / image_dir).mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for transcript in transcripts:
-            stem = _safe_name(f"{transcript.agent}-{transcript.task_id}-{transcript.sample_index}")
+            stem = safe_name(f"{transcript.agent}-{transcript.task_id}-{transcript.sample_index}")
             groups = {"input": transcript.input_images}
             groups.update({f"turn{i}": t.tool_images for i, t in enumerate(transcript.turns)})
             paths: dict[str, list[str]] = {}
@@ -332,18 +333,4 @@ def write_transcripts(transcripts: Iterable[Transcript], path: str | os.PathLike
 def read_transcripts(path: str | os.PathLike) -> list[Transcript]:
     """Read the transcripts `write_transcripts` wrote (images loaded from their PNG files)."""
     path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not a JSON line ({error.msg})") from error
-            out.append(Transcript.from_json(data, base_dir=path.parent))
-    return out
-
-
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
+    return [Transcript.from_json(data, base_dir=path.parent) for data in json_lines(path)]

@@ -206,9 +206,9 @@ class LoggerConfig:
     progress_bar: bool = True
 
 
-def _default_reward() -> dict[str, Any]:
-    # Every key present from the start: in struct mode a misspelt reward key is then an error
-    # at composition, like any other key.
+def default_reward() -> dict[str, Any]:
+    """The default reward weights as a dict. Every key is present from the start, so in struct
+    mode a misspelt reward key is an error at composition, like any other key."""
     return RewardConfig().to_dict()
 
 
@@ -223,7 +223,7 @@ class GRPOConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Plain values of a `conf/reward/` preset; `cv_env.reward.RewardConfig.from_dict` types them.
-    reward: dict[str, Any] = field(default_factory=_default_reward)
+    reward: dict[str, Any] = field(default_factory=default_reward)
 
     def __post_init__(self) -> None:
         _validate(self)
