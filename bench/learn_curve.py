@@ -108,7 +108,9 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
     axes[1].legend()
 
     names = list(table)
-    axes[2].bar(names, [table[k]["success"] for k in names], color=["#999", "#4a7", "#47a"][: len(names)])
+    colours = ["#999", "#4a7", "#47a", "#248", "#124"]
+    axes[2].bar(range(len(names)), [table[k]["success"] for k in names], color=colours[: len(names)])
+    axes[2].set_xticks(range(len(names)), [k.replace(" (", "\n(") for k in names], fontsize=8)
     for i, k in enumerate(names):
         axes[2].text(i, table[k]["success"] + 0.01, f"{table[k]['success']:.0%}\nR={table[k]['reward']:.2f}",
                      ha="center", va="bottom")
