@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_turns: int = 4,
             max_pixels: int = 1024 * 28 * 28, max_total_tokens: int = 16384, batch: int = 64,
-            workers: int = 2, seed: int = 0, keep_all: bool = False) -> dict:
+            workers: int = 2, seed: int = 0, keep_all: bool = False, prompt: str = "full") -> dict:
     """Write oracle trajectories of the first `num_tasks` tasks of `tasks`/`split` to `out`; return counts."""
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
@@ -45,7 +45,7 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
     kept = skipped = 0
     start = time.perf_counter()
     with Sandbox(workers=workers) as sandbox, RolloutEngine(
-        backend, sandbox=sandbox, env_kwargs=dict(max_turns=max_turns, max_pixels=max_pixels),
+        backend, sandbox=sandbox, env_kwargs=dict(max_turns=max_turns, max_pixels=max_pixels, prompt=prompt),
         sampling=dict(max_new_tokens=4096), max_total_tokens=max_total_tokens,
     ) as engine:
         for first in range(0, count, batch):
@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="sandbox workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-all", action="store_true", help="keep episodes below the ideal reward too")
+    parser.add_argument("--prompt", default="full", choices=["full", "compact"],
+                        help="the env's prompt preset (cv_env.protocol.PROMPTS), as the RL runs will use")
     args = parser.parse_args(argv)
     result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out, args.max_turns, args.max_pixels,
-                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all)
+                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all, args.prompt)
     print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the ideal reward "
           f"skipped) in {result['seconds']:.1f} s")
     return 0

@@ -27,6 +27,7 @@ import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.conversation import ChatRenderer, TokenState
 from agents.generation import GenerationRequest, HFBackend, SamplingParams
 from agents.trajectory import Trajectory, read_jsonl, write_jsonl
+from cv_env.protocol import get_prompt
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
 
@@ -95,7 +96,9 @@ class RolloutEngine:
         self.env_kwargs = env_kwargs
         self.sampling = SamplingParams.from_dict(sampling)
         self.max_total_tokens = int(max_total_tokens)
-        self.renderer = ChatRenderer(self.backend.processor)
+        # The system turn lists the tool schemas of the envs' prompt preset (none for "compact").
+        tools = get_prompt(env_kwargs.get("prompt", "full")).tools
+        self.renderer = ChatRenderer(self.backend.processor, tools=list(tools))
         self.tokenizer = self.renderer.tokenizer
         self.end_of_turn_id = self.renderer.closing_ids[0]
         self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * max(1, len(sandbox.worker_pids)))

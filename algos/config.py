@@ -33,6 +33,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from algos.losses import AGG_MODES, KL_KINDS
+from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
 __all__ = [
@@ -119,6 +120,7 @@ class EnvConfig:
     split: str = "train"
     max_turns: int = 12
     max_pixels: int = 1024 * 28 * 28
+    prompt: str = "full"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     val_tasks: Optional[str] = None
     val_split: str = "validation"
@@ -244,6 +246,7 @@ class GRPOConfig:
             "split": split,
             "max_turns": e.max_turns,
             "max_pixels": e.max_pixels,
+            "prompt": e.prompt,
             "reward": self.reward_config(),
             "sandbox": e.sandbox.to_kwargs(),
         }
@@ -279,6 +282,7 @@ def _validate(cfg: GRPOConfig) -> None:
         "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet",
     )
     _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    _choice(e.prompt, tuple(PROMPTS), "env.prompt")
     _require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
     _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
     _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
 __all__ = ["EvalConfig", "EvalModelConfig", "EvalLoggerConfig", "SCRIPTED_AGENTS", "normalize_overrides",
@@ -106,6 +107,7 @@ class EvalConfig:
     batch_size: int = 32
     max_turns: int = 12
     max_pixels: int = 1024 * 28 * 28
+    prompt: str = "full"
     device: str = "auto"
     oracle: bool = True
     cases: int = 4
@@ -141,6 +143,7 @@ class EvalConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
         require(self.max_pixels >= 28 * 28, "max_pixels", f"must be >= 784 (one 28x28 patch), got {self.max_pixels}")
+        require(self.prompt in PROMPTS, "prompt", f"must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         require(self.cases >= 0, "cases", f"must be >= 0 (0 = no viewer pages), got {self.cases}")
         require(self.sandbox.workers >= 0, "sandbox.workers", f"must be >= 0 (0 = one per core), got {self.sandbox.workers}")
         require(self.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
@@ -156,7 +159,8 @@ class EvalConfig:
 
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the env (besides tasks and sandbox)."""
-        return {"max_turns": self.max_turns, "max_pixels": self.max_pixels, "reward": self.reward_config()}
+        return {"max_turns": self.max_turns, "max_pixels": self.max_pixels, "prompt": self.prompt,
+                "reward": self.reward_config()}
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=EvalConfig)

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from agents.conversation import ChatRenderer
 from agents.policy import Policy
 from agents.trajectory import Trajectory
 from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
@@ -39,6 +40,7 @@ from algos.sft_config import SFTConfig
 from algos.sft_data import SFTExamples, build_examples, micro_batches, read_records
 from algos.tracking import Tracker, print_run_summary
 from algos.train_step import PromptSampler, build_optimizer, build_scheduler, seed_everything, update_step
+from cv_env.protocol import get_prompt
 
 __all__ = ["run", "main", "load_sft_policy", "prepare_data", "sft_loss", "validation_loss", "export_hf",
            "HF_DIR"]
@@ -64,7 +66,7 @@ def _oracle_demos(cfg: SFTConfig, output_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         result = collect(cfg.model.path, o.tasks, o.split, o.num_tasks, str(tmp / "oracle.jsonl"),
                          max_turns=o.max_turns, max_pixels=cfg.data.max_pixels, max_total_tokens=cfg.data.max_tokens,
-                         workers=o.workers, seed=cfg.trainer.seed)
+                         workers=o.workers, seed=cfg.trainer.seed, prompt=cfg.data.prompt)
         if result["kept"] == 0:
             raise RuntimeError(f"the oracle earned the ideal reward on none of the {o.num_tasks} tasks of "
                                f"{o.tasks!r}: no demonstrations to train on (check data.oracle.max_turns)")
@@ -98,9 +100,10 @@ def prepare_data(cfg: SFTConfig, policy: Policy,
         val_records = [records[i] for i in sorted(order[:held])]
         records = [records[i] for i in sorted(order[held:])]
     options = dict(max_tokens=d.max_tokens, max_pixels=d.max_pixels, system_prompt=d.system_prompt,
-                   on_invalid=d.on_invalid)
-    train, train_stats = build_examples(policy.renderer, records, **options)
-    val, val_stats = build_examples(policy.renderer, val_records[:d.val_size], **options) if val_records else (None, {})
+                   prompt=d.prompt, on_invalid=d.on_invalid)
+    renderer = ChatRenderer(policy.processor, tools=list(get_prompt(d.prompt).tools))  # as the RL envs render
+    train, train_stats = build_examples(renderer, records, **options)
+    val, val_stats = build_examples(renderer, val_records[:d.val_size], **options) if val_records else (None, {})
     for name, stats in (("training", train_stats), ("validation", val_stats)):
         if stats.get("invalid") or stats.get("too_long"):
             print(f"{name} data: kept {stats['kept']}, left out {stats['invalid']} invalid and {stats['too_long']} "

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from hydra.core.config_store import ConfigStore
 
 from algos.config import DTYPES, SCHEDULERS, WANDB_MODES, LoggerConfig, ModelConfig, load_config
+from cv_env.protocol import PROMPTS
 
 __all__ = ["OracleDemoConfig", "SFTDataConfig", "SFTAlgoConfig", "SFTTrainerConfig", "SFTConfig",
            "load_sft_config", "register_sft_configs"]
@@ -53,6 +54,7 @@ class SFTDataConfig:
     max_tokens: int = 16384
     max_pixels: int = 1024 * 28 * 28
     system_prompt: str = "env"
+    prompt: str = "full"
     on_invalid: str = "raise"
 
 
@@ -130,6 +132,7 @@ def _validate(cfg: SFTConfig) -> None:
     _require(d.max_tokens >= 16, "data.max_tokens", f"must be >= 16, got {d.max_tokens}")
     _require(d.max_pixels >= 28 * 28, "data.max_pixels", f"must be >= 784 (one 28x28 patch), got {d.max_pixels}")
     _choice(d.system_prompt, SYSTEM_PROMPT_MODES, "data.system_prompt")
+    _choice(d.prompt, tuple(PROMPTS), "data.prompt")
     _choice(d.on_invalid, ON_INVALID_MODES, "data.on_invalid")
 
     _require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")

@@ -41,8 +41,8 @@ chat template (`agents.conversation.ChatRenderer`), then per assistant turn its 
 on its own plus the end-of-turn token (loss mask 1: what the model must learn to write, the
 `{% generation %}` span of the template), then the template delta of the tool/user messages
 that follow (mask 0). Messages after the last assistant turn teach nothing and are dropped.
-The system turn lists the env's `code_image_tool` schema, as in RL (a record's own `tools` field
-is ignored), and images larger than `max_pixels` are downscaled as the env shows them.
+The system turn lists the tool schemas of the renderer (the env prompt preset's, as in RL; a
+record's own `tools` field is ignored), and images larger than `max_pixels` are downscaled as the env shows them.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from PIL import Image
 
 from agents.conversation import ChatRenderer, ImageTokenMismatch
 from agents.trajectory import Trajectory
-from cv_env.protocol import SYSTEM_PROMPT
+from cv_env.protocol import get_prompt
 
 __all__ = [
     "SFTRecord",
@@ -246,11 +246,13 @@ def _content(content: Any, queue: _ImageQueue, max_pixels: int, where: str) -> A
     return parts
 
 
-def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prompt: str = "env") -> list[dict]:
+def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prompt: str = "env",
+                prompt: str = "full") -> list[dict]:
     """The record's conversation as chat messages with PIL images (see the module doc for formats).
 
-    system_prompt: "env" adds the environment's system prompt (`cv_env.protocol.SYSTEM_PROMPT`)
-    when the record has none, so SFT sees the prompt RL will show; "keep" leaves records as they are.
+    system_prompt: "env" adds the system message of the env's prompt preset `prompt`
+    (`cv_env.protocol.PROMPTS`) when the record has none, so SFT sees the prompt RL will show;
+    "keep" leaves records as they are.
     """
     data, where = record.data, record.source
     if system_prompt not in ("env", "keep"):
@@ -290,7 +292,7 @@ def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prom
         messages.append(message)
     queue.check_all_used()
     if system_prompt == "env" and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]})
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": get_prompt(prompt).system}]})
     return messages
 
 
@@ -373,12 +375,12 @@ def _check_trajectory(renderer: ChatRenderer, trajectory: Trajectory, where: str
 
 
 def record_to_example(renderer: ChatRenderer, record: SFTRecord, max_pixels: int = 1024 * 28 * 28,
-                      system_prompt: str = "env") -> Trajectory:
+                      system_prompt: str = "env", prompt: str = "full") -> Trajectory:
     """One record (chat or trajectory) as a tokenized, masked training example."""
     data = record.data
     if "token_ids" in data and "loss_mask" in data:
         return _check_trajectory(renderer, Trajectory.from_json(data, base_dir=record.base_dir), record.source)
-    messages = to_messages(record, max_pixels=max_pixels, system_prompt=system_prompt)
+    messages = to_messages(record, max_pixels=max_pixels, system_prompt=system_prompt, prompt=prompt)
     category = str(data.get("category") or "sft")
     return tokenize_conversation(renderer, messages, example_id=str(data.get("id") or record.source), category=category)
 
@@ -393,9 +395,10 @@ class SFTExamples(Sequence[Trajectory]):
     """
 
     def __init__(self, renderer: ChatRenderer, records: Sequence[SFTRecord], lengths: Sequence[int],
-                 assistant_tokens: int, max_pixels: int, system_prompt: str):
+                 assistant_tokens: int, max_pixels: int, system_prompt: str, prompt: str = "full"):
         self.renderer, self.records, self.lengths = renderer, list(records), list(lengths)
-        self.assistant_tokens, self.max_pixels, self.system_prompt = int(assistant_tokens), max_pixels, system_prompt
+        self.assistant_tokens, self.max_pixels = int(assistant_tokens), max_pixels
+        self.system_prompt, self.prompt = system_prompt, prompt
 
     def __len__(self) -> int:
         return len(self.records)
@@ -404,14 +407,16 @@ class SFTExamples(Sequence[Trajectory]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return record_to_example(self.renderer, self.records[index], max_pixels=self.max_pixels,
-                                 system_prompt=self.system_prompt)
+                                 system_prompt=self.system_prompt, prompt=self.prompt)
 
 
 def build_examples(renderer: ChatRenderer, records: Sequence[SFTRecord], max_tokens: int,
-                   max_pixels: int = 1024 * 28 * 28, system_prompt: str = "env",
+                   max_pixels: int = 1024 * 28 * 28, system_prompt: str = "env", prompt: str = "full",
                    on_invalid: str = "raise") -> tuple[SFTExamples, dict[str, Any]]:
     """Tokenize every record once to check it and measure it; keep those within `max_tokens`
-    (an image span cannot be cut, so a longer example is left out, not truncated).
+    (an image span cannot be cut, so a longer example is left out, not truncated). `prompt` is
+    the env prompt preset whose system message `system_prompt="env"` adds; the renderer should
+    list that preset's tools.
 
     on_invalid: "raise" stops at the first bad record (the message names file and line);
     "skip" leaves it out and counts it. Returns (examples, stats) where stats has `kept`,
@@ -427,7 +432,8 @@ def build_examples(renderer: ChatRenderer, records: Sequence[SFTRecord], max_tok
     results = []  # (record index, length or None, assistant tokens, error)
     for index in range(rank, len(records), world):
         try:
-            example = record_to_example(renderer, records[index], max_pixels=max_pixels, system_prompt=system_prompt)
+            example = record_to_example(renderer, records[index], max_pixels=max_pixels, system_prompt=system_prompt,
+                                        prompt=prompt)
             results.append((index, len(example.token_ids), example.num_sampled_tokens, ""))
         except (ValueError, FileNotFoundError, ImageTokenMismatch, KeyError, TypeError) as error:
             results.append((index, None, 0, str(error) or type(error).__name__))
@@ -450,7 +456,7 @@ def build_examples(renderer: ChatRenderer, records: Sequence[SFTRecord], max_tok
             lengths.append(length)
             assistant_tokens += sampled
     stats["kept"] = len(kept)
-    return SFTExamples(renderer, kept, lengths, assistant_tokens, max_pixels, system_prompt), stats
+    return SFTExamples(renderer, kept, lengths, assistant_tokens, max_pixels, system_prompt, prompt), stats
 
 
 # --------------------------------------------------------------------------------------------

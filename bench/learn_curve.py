@@ -1,6 +1,6 @@
 """End-to-end learning proof on CPU (issue 9): oracle demos -> SFT -> GRPO, evaluated at each stage.
 
-    python bench/learn_curve.py                         # the full recipe (~30+ min on 2 free cores)
+    python bench/learn_curve.py                         # the full recipe (~20 min on 2 free cores)
     python bench/learn_curve.py --sft-steps 60 --grpo-steps 6 --eval-n 48    # a shorter run
     OMP_NUM_THREADS=1 python bench/learn_curve.py ...   # on a machine shared with other jobs
 
@@ -9,8 +9,8 @@ barriers: SFT steps of 3 s took 45-80 s. One thread per process is slower alone 
 
 Stages, each the project's own entry point run as a subprocess (what a user would type):
   1+2. `python -m algos.sft +exp=tiny_learn_sft`: records oracle demonstrations of the easy
-       `glyph_orientation` category (train split), then fine-tunes a small random Qwen2.5-VL
-       (`agents.small`, 1.7 M parameters) on them;
+       `glyph_orientation` category (train split; `--tasks` picks another), then fine-tunes a small
+       random Qwen3-VL (`agents.small`, 2.0 M parameters) on them;
   3.   `python -m algos.grpo +exp=tiny_learn model.path=<SFT folder>`;
   4.   `python -m algos.evaluate` on the held-out test split (greedy) with the random model, the
        SFT model and the GRPO model: success rate (answer accuracy) and mean shaped reward.
@@ -34,7 +34,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-CATEGORY = "glyph_orientation"
 CHANCE = 0.25  # four answer choices
 
 
@@ -51,12 +50,12 @@ def run_stage(name: str, args: list[str], log: Path) -> float:
     return seconds
 
 
-def evaluate(name: str, model_path: str, out: Path, n: int, checkpoint: str | None = None) -> dict:
+def evaluate(name: str, model_path: str, out: Path, n: int, tasks: str, checkpoint: str | None = None) -> dict:
     """Greedy evaluation on the held-out test split; returns success rate, mean reward, episodes, seconds."""
     folder = out / f"eval_{name}"
     overrides = [
-        f"model={model_path}", f"tasks={CATEGORY}", "split=test", f"n={n}", "robustness=false",
-        "max_turns=3", "max_new_tokens=96", "max_total_tokens=1400", "max_pixels=12544",  # as the training runs
+        f"model={model_path}", f"tasks={tasks}", "split=test", f"n={n}", "robustness=false",
+        "max_turns=3", "max_new_tokens=96", "max_total_tokens=800", "max_pixels=12544", "prompt=compact",  # as the training runs
         "oracle=false", "cases=0", "write_transcripts=false", f"output_dir={folder}",
         "logger=offline", f"logger.name=learn-eval-{name}",
     ]
@@ -66,7 +65,8 @@ def evaluate(name: str, model_path: str, out: Path, n: int, checkpoint: str | No
     report = json.loads((folder / "report.json").read_text())
     agent = next(iter(report["agents"].values()))
     return {"success": agent["accuracy"], "reward": agent["reward"], "episodes": agent["episodes"],
-            "tool_calls": agent["tool_calls"], "fmt": agent["reward_components"].get("fmt", 0.0), "seconds": seconds}
+            "tool_calls": agent["tool_calls"], "fmt": agent["reward_components"].get("fmt", 0.0),
+            "fix": agent["reward_components"].get("mandatory", 0.0), "seconds": seconds}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -100,7 +100,7 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
     reward = [(m["step"], m["reward/total"]) for m in grpo_metrics if m.get("reward/total") is not None]
     acc = [(m["step"], m["val/acc"]) for m in grpo_metrics if m.get("val/acc") is not None]
     if reward:
-        axes[1].plot(*zip(*reward), alpha=0.6, label="train reward/total (T=1)")
+        axes[1].plot(*zip(*reward), alpha=0.6, label="train reward/total (sampled)")
     if acc:
         axes[1].plot(*zip(*acc), marker="o", label="val/acc (greedy)")
     axes[1].axhline(CHANCE, color="grey", linestyle=":", label="chance (4 choices)")
@@ -142,46 +142,51 @@ def log_wandb(out: Path, table: dict, times: dict, png: Path, config: dict) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/learn", help="folder of every stage's run (must not hold a previous run)")
-    parser.add_argument("--model", default="small", help="small (agents.small, 1.7 M) | tiny:<family> | a folder")
-    parser.add_argument("--demos", type=int, default=768, help="oracle demonstrations to record")
+    parser.add_argument("--model", default="small",
+                        help="small (agents.small: Qwen3-VL, 2.0 M) | small:<family> (small:qwen2_5_vl, 1.7 M) | a folder")
+    parser.add_argument("--tasks", default="glyph_orientation",
+                        help="the category of every stage: corner_orientation | glyph_orientation (a 4-way choice)")
+    parser.add_argument("--demos", type=int, default=1536, help="oracle demonstrations to record")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (batch 32)")
-    parser.add_argument("--grpo-steps", type=int, default=60, help="GRPO steps (4 prompts x 8 samples)")
-    parser.add_argument("--grpo-val-every", type=int, default=10, help="GRPO validation period in steps")
-    parser.add_argument("--eval-n", type=int, default=128, help="held-out test episodes per evaluation")
+    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps (4 prompts x 8 samples)")
+    parser.add_argument("--grpo-val-every", type=int, default=20, help="GRPO validation period in steps")
+    parser.add_argument("--eval-n", type=int, default=256, help="held-out test episodes per evaluation")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: give a new --out (the trainers would resume from its checkpoints)")
     out.mkdir(parents=True, exist_ok=True)
-    if args.model == "small":
-        from agents.small import small_model_dir
+    if args.model == "small" or args.model.startswith("small:"):
+        from agents.small import FAMILY, small_model_dir
 
-        model = str(small_model_dir())
+        model = str(small_model_dir(args.model.partition(":")[2] or FAMILY))
     else:
         model = args.model
     times: dict[str, float] = {}
     table: dict[str, dict] = {}
 
-    table["before SFT"] = evaluate("random", model, out, args.eval_n)
+    table["before SFT"] = evaluate("random", model, out, args.eval_n, args.tasks)
     times["eval_random"] = table["before SFT"]["seconds"]
 
     sft_dir = out / "sft"
     times["sft"] = run_stage("SFT (demos + training)", [
-        "algos.sft", "+exp=tiny_learn_sft", f"model.path={model}", f"data.oracle.num_tasks={args.demos}",
+        "algos.sft", "+exp=tiny_learn_sft", f"model.path={model}", f"data.oracle.tasks={args.tasks}",
+        f"data.oracle.num_tasks={args.demos}",
         f"trainer.total_steps={args.sft_steps}", f"trainer.val_every={max(1, args.sft_steps // 6)}",
         f"trainer.output_dir={sft_dir}", "logger.progress_bar=false",
     ], out / "sft.log")
     sft_model = str(latest(sft_dir / "hf"))
-    table["after SFT"] = evaluate("sft", sft_model, out, args.eval_n)
+    table["after SFT"] = evaluate("sft", sft_model, out, args.eval_n, args.tasks)
     times["eval_sft"] = table["after SFT"]["seconds"]
 
     grpo_dir = out / "grpo"
     times["grpo"] = run_stage("GRPO", [
-        "algos.grpo", "+exp=tiny_learn", f"model.path={sft_model}", f"trainer.total_steps={args.grpo_steps}",
+        "algos.grpo", "+exp=tiny_learn", f"model.path={sft_model}", f"env.tasks={args.tasks}",
+        f"env.val_tasks={args.tasks}", f"trainer.total_steps={args.grpo_steps}",
         f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", "logger.progress_bar=false",
     ], out / "grpo.log")
-    table["after GRPO"] = evaluate("grpo", sft_model, out, args.eval_n, checkpoint=str(grpo_dir))
+    table["after GRPO"] = evaluate("grpo", sft_model, out, args.eval_n, args.tasks, checkpoint=str(grpo_dir))
     times["eval_grpo"] = table["after GRPO"]["seconds"]
 
     png = draw(out, read_metrics(sft_dir / "metrics.jsonl"), read_metrics(grpo_dir / "metrics.jsonl"), table)
@@ -193,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the figures above are the result; W&B is a copy of them
         print(f"W&B logging failed ({error}); the figures are in {out / 'summary.json'}")
 
-    print(f"\n{'stage':<12} {'success':>8} {'mean reward':>12} {'episodes':>9}   (chance {CHANCE:.0%})")
+    print(f"\n{'stage':<12} {'success':>8} {'mean reward':>12} {'fix rate':>9} {'episodes':>9}   (chance {CHANCE:.0%})")
     for name, row in table.items():
-        print(f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['episodes']:>9}")
+        print(f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['fix']:>9.1%} {row['episodes']:>9}")
     print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" (total {sum(times.values()) / 60:.1f} min)")
     print(f"curve: {png}\nsummary: {out / 'summary.json'}")

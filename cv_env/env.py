@@ -25,7 +25,7 @@ from PIL import Image
 
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
-from cv_env.protocol import SYSTEM_PROMPT, TOOL_NAME, TOOL_SCHEMA, Turn, parse_action, render_tool_call
+from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, get_prompt, parse_action, render_tool_call
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
 from cv_env.sandbox import Sandbox
 from cv_env.spaces import observation_space, sanitize_text, text_space
@@ -86,7 +86,10 @@ class CodeVisionEnv(gym.Env):
             (code always runs on full resolution and the observation states the true size).
         max_images_per_observation: bound of the observation space's image list.
         max_text_chars: bound of the observation's text.
-        system_prompt: the system message (default: `cv_env.protocol.SYSTEM_PROMPT`).
+        prompt: the prompt preset (`cv_env.protocol.PROMPTS`): "full" (the instructions plus the
+            tool schema the chat template lists; the default) or "compact" (~5x fewer tokens).
+            `tools` holds the preset's schemas for the renderer of the conversation.
+        system_prompt: replaces the preset's system message (default: the preset's).
         judge: optional `cv_env.judge` config dict: an LLM judge for answers the rules reject.
         render_mode: None or "ansi" (the conversation as text).
     """
@@ -104,7 +107,8 @@ class CodeVisionEnv(gym.Env):
         max_images_per_observation: int = 8,
         max_text_chars: int = 8192,
         max_action_chars: int = 65536,
-        system_prompt: str = SYSTEM_PROMPT,
+        prompt: str = "full",
+        system_prompt: str | None = None,
         judge: dict | None = None,
         render_mode: str | None = None,
     ):
@@ -123,7 +127,10 @@ class CodeVisionEnv(gym.Env):
             self.sandbox, self._owns_sandbox = Sandbox(**(sandbox or {})), True
         self.max_pixels = int(max_pixels)
         self.max_text_chars = int(max_text_chars)
-        self.system_prompt = system_prompt
+        preset = get_prompt(prompt)
+        self.prompt = prompt
+        self.system_prompt = preset.system if system_prompt is None else str(system_prompt)
+        self.tools = [dict(tool) for tool in preset.tools]
         self.judge = None
         if judge:
             from cv_env.judge import LLMJudge  # only when configured

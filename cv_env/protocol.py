@@ -1,4 +1,4 @@
-"""The tool protocol: the schema of `code_image_tool`, the system prompt, and turn parsing.
+"""The tool protocol: the schema of `code_image_tool`, the prompts, and turn parsing.
 
 A model's turn is a string: `<think>…</think>` then either one Hermes-style tool call
 
@@ -52,6 +52,39 @@ In every turn, first reason inside <think> </think>. Then do exactly one of:
 - or give the final answer: <answer>your answer</answer>
 
 The tool's reply shows the new image and its index. Coordinates are pixels of the image you process, at the size the reply states. Use the tool only when it helps, and answer as soon as you can."""
+
+# A short prompt for small models and tight context budgets (the CPU learning run, issue 9): the
+# same protocol shown by one example, without the template's tool-schema block. With the
+# test-size BPE tokenizer it is ~150 tokens where "full" is ~750.
+COMPACT_SYSTEM_PROMPT = """Answer the question about the image. First reason inside <think> </think>. Then either call the tool, which runs Python on an image (`image`; PIL, cv2, numpy; assign the output image to `result`):
+<tool_call>
+{"name": "code_image_tool", "arguments": {"code": "result = image.rotate(90, expand=True)", "image_index": 0}}
+</tool_call>
+or give the final answer: <answer>your answer</answer>"""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is told before the task: the system message and the tool schemas that
+    the chat template lists in the system turn (none: the message alone describes the tool)."""
+
+    system: str
+    tools: tuple[dict[str, Any], ...]
+
+
+PROMPTS: dict[str, Prompt] = {
+    "full": Prompt(SYSTEM_PROMPT, (TOOL_SCHEMA,)),  # the instructions plus the schema (Qwen's tool format)
+    "compact": Prompt(COMPACT_SYSTEM_PROMPT, ()),  # ~5x fewer tokens: one example call, no schema block
+}
+
+
+def get_prompt(name: str) -> Prompt:
+    """The prompt preset `name` ("full" or "compact"); a clear error for any other name."""
+    try:
+        return PROMPTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown prompt {name!r}: use one of {', '.join(PROMPTS)}") from None
+
 
 # Fenced code: ```python ... ``` (or ```py / bare ```), the form that needs no JSON escaping.
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)

@@ -107,6 +107,7 @@ def test_wrong_type_is_an_error_naming_the_key():
         ("rollout.n=1", r"rollout\.n: must be >= 2"),
         ("reward.gamma=fast", r"config reward"),
         ("env=parquet", r"env\.tasks: is not set"),
+        ("env.prompt=short", r"env\.prompt: 'short' is not one of 'full', 'compact'"),
     ],
 )
 def test_out_of_range_values_are_errors_naming_the_key(override, message):

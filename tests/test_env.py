@@ -153,6 +153,22 @@ def test_misuse_raises_clear_errors(sandbox):
         env.step(_answer("7"))
 
 
+def test_prompt_presets_choose_the_system_message_and_the_tools_listed(sandbox):
+    from cv_env.protocol import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT, TOOL_SCHEMA
+
+    for prompt, system, tools in (("full", SYSTEM_PROMPT, [TOOL_SCHEMA]), ("compact", COMPACT_SYSTEM_PROMPT, [])):
+        env = make_env(sandbox, prompt=prompt)
+        env.reset(seed=0)
+        assert env.unwrapped.messages[0]["content"][0]["text"] == system and env.unwrapped.tools == tools
+        obs, _, terminated, _, _ = env.step(_call("result = image.rotate(-90, expand=True)"))
+        assert not terminated and obs["role"] == "tool" and len(obs["images"]) == 1  # the same tool protocol
+    env = make_env(sandbox, prompt="compact", system_prompt="Be brief.")
+    env.reset(seed=0)
+    assert env.unwrapped.messages[0]["content"][0]["text"] == "Be brief." and env.unwrapped.tools == []
+    with pytest.raises(ValueError, match="unknown prompt 'short': use one of full, compact"):
+        make_env(sandbox, prompt="short")
+
+
 def test_large_images_are_shown_downscaled_but_code_runs_on_full_resolution(sandbox):
     big = Image.new("RGB", (400, 300), "gray")
     env = make_env(sandbox, tasks=[Task(id="big", images=[big], question="q", answer="a")], max_pixels=100 * 75)

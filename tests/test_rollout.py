@@ -222,6 +222,33 @@ def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
     assert any(t.num_tool_calls for t in trajectories) and any(not t.num_tool_calls for t in trajectories)
 
 
+def test_compact_prompt_episodes_are_token_exact_and_much_shorter(sandbox):
+    import gymnasium as gym
+
+    from cv_env.protocol import TOOL_SCHEMA
+
+    tasks = [load_tasks("glyph_orientation", split="validation")[i] for i in range(3)]
+    processor = Policy.load("tiny:qwen2_5_vl").processor
+    lengths = {}
+    for prompt in ("full", "compact"):
+        env_kwargs = dict(ENV, prompt=prompt)
+        with RolloutEngine(ScriptedBackend(processor), sandbox=sandbox, env_kwargs=env_kwargs,
+                           sampling=dict(max_new_tokens=1024)) as engine:
+            trajectories = engine.rollout(tasks)
+            renderer = engine.renderer
+        env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, **env_kwargs)
+        for trajectory, task in zip(trajectories, tasks):
+            assert trajectory.reward == pytest.approx(ideal_reward(task)["total"])
+            messages = play_episode(env, OracleAgent(), options={"task": task})["messages"]
+            assert trajectory.token_ids == renderer.render_full(messages).ids
+        assert renderer.tools == ([] if prompt == "compact" else [TOOL_SCHEMA])
+        lengths[prompt] = [t.prompt_length for t in trajectories]
+        env.close()
+    text = processor.tokenizer.decode(trajectories[0].token_ids)
+    assert "# Tools" not in text and "<tools>" not in text
+    assert all(c < 0.5 * f for c, f in zip(lengths["compact"], lengths["full"])), lengths
+
+
 def test_collect_writes_ideal_oracle_demonstrations(tmp_path):
     result = collect("tiny:qwen2_vl", "tiny_ocr", "validation", 3, str(tmp_path / "demos.jsonl"),
                      max_pixels=128 * 128, batch=2)
@@ -231,6 +258,13 @@ def test_collect_writes_ideal_oracle_demonstrations(tmp_path):
     assert all(d.num_tool_calls == 1 and len(d.images) == 2 and d.reward == pytest.approx(2.2) for d in demos)
     with pytest.raises(FileExistsError, match="appends"):
         collect("tiny:qwen2_vl", "tiny_ocr", "validation", 1, str(tmp_path / "demos.jsonl"))
+    # Demonstrations for a run with env.prompt=compact are recorded under that prompt.
+    from cv_env.protocol import COMPACT_SYSTEM_PROMPT
+
+    collect("tiny:qwen2_vl", "tiny_ocr", "validation", 1, str(tmp_path / "compact.jsonl"), max_pixels=128 * 128,
+            prompt="compact")
+    text = Policy.load("tiny:qwen2_vl").tokenizer.decode(read_jsonl(tmp_path / "compact.jsonl")[0].token_ids)
+    assert COMPACT_SYSTEM_PROMPT in text and "<tools>" not in text
 
 
 def test_misuse_is_explained(sandbox, tasks):

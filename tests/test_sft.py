@@ -166,6 +166,24 @@ def test_tool_calls_field_and_missing_system_prompt(processor, tmp_path):
     assert example.num_tool_calls == 1
 
 
+def test_compact_prompt_renders_chat_records_as_the_compact_env_does(processor, tmp_path):
+    """data.prompt=compact: the compact system message and no schema block, token for token what
+    a rollout of the env with prompt="compact" shows (so SFT and RL see the same prompt)."""
+    from cv_env.protocol import COMPACT_SYSTEM_PROMPT, get_prompt
+
+    Image.new("RGB", (64, 48), (10, 10, 200)).save(tmp_path / "a.png")
+    record = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                           {"role": "assistant", "content": "<answer>blue</answer>"}], "images": ["a.png"]}
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
+    compact = ChatRenderer(processor, tools=list(get_prompt("compact").tools))
+    example = record_to_example(compact, read_records([tmp_path / "r.jsonl"])[0], prompt="compact")
+    text = processor.tokenizer.decode(example.token_ids)
+    assert text.count(COMPACT_SYSTEM_PROMPT) == 1 and "# Tools" not in text
+    full = record_to_example(ChatRenderer(processor), read_records([tmp_path / "r.jsonl"])[0])
+    assert len(example.token_ids) < len(full.token_ids) - 400  # the compact prompt saves ~600 tokens here
+    assert sum(example.loss_mask) == sum(full.loss_mask)  # the same assistant targets
+
+
 def test_bad_records_are_explained_or_skipped(processor, tmp_path):
     renderer = ChatRenderer(processor)
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
@@ -304,3 +322,5 @@ def test_configs_compose_and_demand_data():
         load_sft_config(["+exp=tiny_sft", "algo.lrr=1"])
     with pytest.raises(ValueError, match="data.on_invalid"):
         load_sft_config(["+exp=tiny_sft", "data.on_invalid=ignore"])
+    with pytest.raises(ValueError, match="data.prompt"):
+        load_sft_config(["+exp=tiny_sft", "data.prompt=short"])

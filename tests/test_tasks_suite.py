@@ -200,6 +200,21 @@ def test_multi_image_answers_use_the_upright_numbers():
     assert render_multi_image({**p, "question": "difference"}).answer == "23"
 
 
+def test_corner_answer_is_the_upright_corner():
+    from cv_env.tasks.orientation import render_corner_orientation
+
+    p = {"corner": "bottom-right", "ink": "blue", "offset": [2, 2]}
+    for transform in (None, "rotate_90", "rotate_180", "rotate_270", "flip_horizontal", "flip_vertical"):
+        r = render_corner_orientation({**p, "transform": transform})
+        assert r.answer == "D" and r.images[0].size == (112, 112) and r.transforms == ([transform] if transform else [])
+    # Upright, the blue square fills the bottom-right corner; the shown rotate_270 copy has it bottom-left.
+    blue = lambda image: (pixels(image)[:, :, 2] > 150) & (pixels(image)[:, :, 0] < 100)  # noqa: E731
+    ys, xs = np.nonzero(blue(r.originals[0]))
+    assert ys.min() > 56 and xs.min() > 56 and len(ys) == 34 * 34
+    ys, xs = np.nonzero(blue(render_corner_orientation({**p, "transform": "rotate_270"}).images[0]))
+    assert ys.min() > 56 and xs.max() < 56
+
+
 def test_glyph_answer_is_the_upright_direction():
     p = {"variant": "arrow", "value": "left", "ink": "blue", "jitter": [0, 0]}
     for transform in (None, "rotate_90", "rotate_180", "rotate_270", "flip_horizontal", "flip_vertical"):

@@ -5,8 +5,8 @@
     task = src[0]; task = src.sample(np.random.default_rng(0))
 
 Categories (`CATEGORIES`): orientation_ocr, tiny_ocr, corruption, charts, shapes_space,
-multi_image, orientation_diagnostic (the default mix) and glyph_orientation (learning
-experiments). `oracle.oracle_solution(task)` gives the reward-maximising tool calls.
+multi_image, orientation_diagnostic (the default mix), glyph_orientation and corner_orientation
+(learning experiments). `oracle.oracle_solution(task)` gives the reward-maximising tool calls.
 
 Conventions every source follows:
 * `transforms` lists what was applied to the upright original to make the shown image

@@ -21,17 +21,17 @@ from cv_env.tasks.charts import CHARTS
 from cv_env.tasks.corruption import CORRUPTION
 from cv_env.tasks.multi import MULTI_IMAGE
 from cv_env.tasks.ocr import ORIENTATION_OCR, TINY_OCR
-from cv_env.tasks.orientation import GLYPH_ORIENTATION, ORIENTATION_DIAGNOSTIC
+from cv_env.tasks.orientation import CORNER_ORIENTATION, GLYPH_ORIENTATION, ORIENTATION_DIAGNOSTIC
 from cv_env.tasks.shapes import SHAPES_SPACE
 
 CATEGORIES: dict[str, Category] = {
     c.name: c
     for c in (ORIENTATION_OCR, TINY_OCR, CORRUPTION, CHARTS, SHAPES_SPACE, MULTI_IMAGE,
-              ORIENTATION_DIAGNOSTIC, GLYPH_ORIENTATION)
+              ORIENTATION_DIAGNOSTIC, GLYPH_ORIENTATION, CORNER_ORIENTATION)
 }
 
-# Share of each category in the default suite (per block of 20 items). glyph_orientation is
-# a learning-experiment category and stays out of the default benchmark.
+# Share of each category in the default suite (per block of 20 items). glyph_orientation and
+# corner_orientation are learning-experiment categories and stay out of the default benchmark.
 DEFAULT_MIX: dict[str, int] = {
     "orientation_ocr": 4,
     "tiny_ocr": 3,
