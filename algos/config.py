@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from algos.losses import AGG_MODES, KL_KINDS
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
@@ -312,6 +311,10 @@ def _validate(cfg: GRPOConfig) -> None:
         "algo.clip_ratio_c",
         f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}",
     )
+    # The mode names live beside their math; imported here so that `algos.config` itself (which
+    # the torch-free `algos.eval_config` builds on) never imports torch.
+    from algos.losses import AGG_MODES, KL_KINDS
+
     _choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
     _require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
     _choice(a.loss_agg, AGG_MODES, "algo.loss_agg")

@@ -9,26 +9,25 @@ same groups as the trainers' (`conf/model/`, `conf/reward/`, `conf/logger/`).
 `model=oracle` or `model=random` (scripted agents, no torch needed) name no file of
 `conf/model/`, so `normalize_overrides` turns them into `model.path=<spec>`.
 
-This module imports neither torch nor `algos.config`, so evaluating scripted agents needs only
-the environment's dependencies plus Hydra.
+The sandbox and logger nodes are the trainers' own (`algos.config`, which imports no torch), so
+evaluating scripted agents needs only the environment's dependencies plus Hydra.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
-__all__ = ["EvalConfig", "EvalModelConfig", "EvalLoggerConfig", "SCRIPTED_AGENTS", "normalize_overrides",
-           "load_eval_config", "to_eval_config", "eval_conf_dir"]
+__all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config",
+           "to_eval_config"]
 
 SCRIPTED_AGENTS = ("oracle", "random")
 SCHEMA_NAME = "evaluate_schema"
@@ -53,38 +52,6 @@ class EvalModelConfig:
     @property
     def scripted(self) -> bool:
         return self.path in SCRIPTED_AGENTS
-
-
-@dataclass
-class EvalSandboxConfig:
-    """Resources of the code sandbox (as the trainers' `env.sandbox`)."""
-
-    workers: int = 0
-    timeout_s: float = 10.0
-    memory_mb: int = 2048
-
-    def to_kwargs(self) -> dict[str, Any]:
-        """Arguments of `cv_env.sandbox.Sandbox`, with `workers=0` resolved to one per CPU core."""
-        return {"workers": self.workers or max(1, os.cpu_count() or 1), "timeout_s": self.timeout_s,
-                "memory_mb": self.memory_mb}
-
-
-@dataclass
-class EvalLoggerConfig:
-    """As the trainers' `logger` node (`algos.tracking.Tracker` reads these fields)."""
-
-    project: str = "codevision-gym"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-    mode: str = "offline"
-    metrics_jsonl: Optional[str] = "metrics.jsonl"
-    progress_bar: bool = True
-
-
-def _default_reward() -> dict[str, Any]:
-    return RewardConfig().to_dict()
 
 
 @dataclass
@@ -113,9 +80,9 @@ class EvalConfig:
     cases: int = 4
     write_transcripts: bool = True
     output_dir: str = "outputs/eval"
-    sandbox: EvalSandboxConfig = field(default_factory=EvalSandboxConfig)
-    logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
-    reward: dict[str, Any] = field(default_factory=_default_reward)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    reward: dict[str, Any] = field(default_factory=default_reward)
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, message: str) -> None:
@@ -166,19 +133,9 @@ class EvalConfig:
 ConfigStore.instance().store(name=SCHEMA_NAME, node=EvalConfig)
 
 
-def eval_conf_dir() -> Path:
-    """The Hydra config folder holding `evaluate.yaml` (`algos/conf` in a wheel, `conf/` in a checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "evaluate.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"no evaluate.yaml in {here / 'conf'} or {here.parent / 'conf'}: reinstall the package "
-                            "or restore conf/")
-
-
 def normalize_overrides(overrides: Sequence[str]) -> list[str]:
     """Read `model=<spec>` as `model.path=<spec>` when <spec> is not a preset of `conf/model/`."""
-    presets = {p.stem for p in (eval_conf_dir() / "model").glob("*.yaml")}
+    presets = {p.stem for p in (conf_dir() / "model").glob("*.yaml")}
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -214,6 +171,6 @@ def load_eval_config(overrides: Sequence[str] = ()) -> EvalConfig:
 
     if isinstance(overrides, str):
         raise TypeError(f"overrides must be a list of strings like ['model=oracle'], got the string {overrides!r}")
-    with initialize_config_dir(config_dir=str(eval_conf_dir()), version_base="1.3", job_name="evaluate"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="evaluate"):
         cfg = compose(config_name="evaluate", overrides=normalize_overrides(overrides))
     return to_eval_config(cfg)

@@ -37,7 +37,8 @@ import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.scripted import OracleAgent, RandomAgent
 from agents.transcript import Transcript, play_transcript, write_transcripts
 from agents.viewer import write_html
-from algos.eval_config import EvalConfig, eval_conf_dir, normalize_overrides, to_eval_config
+from algos.config import conf_dir
+from algos.eval_config import EvalConfig, normalize_overrides, to_eval_config
 from algos.metrics import rank_cases, report_markdown, report_metrics, summarize
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
@@ -257,7 +258,7 @@ def main() -> dict[str, Any]:
 
     sys.argv[1:] = normalize_overrides(sys.argv[1:])  # model=<spec> -> model.path=<spec>
 
-    @hydra.main(config_path=str(eval_conf_dir()), config_name="evaluate", version_base="1.3")
+    @hydra.main(config_path=str(conf_dir()), config_name="evaluate", version_base="1.3")
     def _composed(raw: DictConfig) -> dict[str, Any]:
         cfg = to_eval_config(raw)
         report = evaluate(cfg)
