@@ -15,14 +15,13 @@ evaluating scripted agents needs only the environment's dependencies plus Hydra.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward
+from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config, to_config
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
@@ -145,32 +144,13 @@ def normalize_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
-    # `+key=value` opens struct mode and OmegaConf.to_object would drop the key silently.
-    schema = OmegaConf.get_type(node)
-    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-        return
-    known = {f.name for f in dataclasses.fields(schema)}
-    for key in node.keys():
-        if key not in known:
-            raise ValueError(f"config {prefix}{key}: unknown key; {schema.__name__} has {', '.join(sorted(known))}")
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            _reject_unknown_keys(child, f"{prefix}{key}.")
-
-
 def to_eval_config(cfg: DictConfig) -> EvalConfig:
-    """The composed DictConfig as a validated `EvalConfig`."""
-    _reject_unknown_keys(cfg)
-    return OmegaConf.to_object(cfg)
+    """The composed DictConfig as a validated `EvalConfig` (unknown keys refused, as the trainers')."""
+    return to_config(cfg)
 
 
 def load_eval_config(overrides: Sequence[str] = ()) -> EvalConfig:
     """Compose `conf/evaluate.yaml` with command-line style overrides (tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-
     if isinstance(overrides, str):
         raise TypeError(f"overrides must be a list of strings like ['model=oracle'], got the string {overrides!r}")
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="evaluate"):
-        cfg = compose(config_name="evaluate", overrides=normalize_overrides(overrides))
-    return to_eval_config(cfg)
+    return load_config(normalize_overrides(overrides), config_name="evaluate")
