@@ -41,12 +41,11 @@ from algos.distributed import all_reduce_mean, destroy_distributed, get_world_si
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
 from algos.ppo_config import PPOConfig
 from algos.rollouts import (
-    build_engines,
     check_rollout_backend,
     group_reward_terms,
     load_task_splits,
     loss_keep_mask,
-    make_generator,
+    open_engines,
     sample_table,
     step_metrics,
     validate,
@@ -65,7 +64,6 @@ from algos.train_step import (
     seed_everything,
     update_step,
 )
-from cv_env.sandbox import Sandbox
 
 __all__ = ["run", "main", "token_advantages", "ppo_update", "critic_checkpoint_path"]
 
@@ -335,11 +333,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         if resumed_from is not None and is_main():
             print(f"resuming from {resumed_from} (step {start_step})", flush=True)
 
-        # ---- rollout engines (one sandbox pool shared by training and validation) -------------
-        sandbox = cleanup.enter_context(Sandbox(**cfg.env.sandbox.to_kwargs()))
-        engine, val_engine = (cleanup.enter_context(e) for e in build_engines(cfg, make_generator(policy, r), sandbox))
-        if checkpoint is not None:
-            engine.update_weights(policy.model)  # a separate generator (vLLM) starts from model.path's weights
+        engine, val_engine = open_engines(cfg, policy, cleanup, resumed=checkpoint is not None)
         val_chunk = max(1, r.prompts_per_step * r.n // world)
         reward_cfg = cfg.reward_config()
         summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resumed_from) if resumed_from else None}

@@ -2,7 +2,7 @@
 before either algorithm begins.
 
     train_tasks, val_tasks = load_task_splits(cfg)
-    engine, val_engine = build_engines(cfg, make_generator(policy, cfg.rollout), sandbox)
+    engine, val_engine = open_engines(cfg, policy, cleanup, resumed=False)  # closed by the ExitStack
     trajectories = engine.rollout(prompts, n=cfg.rollout.n, group_ids=group_ids, seed=seed)
     adjustments = group_reward_terms(trajectories, cfg.reward_config())    # beta x necessity
     keep = loss_keep_mask(trajectories, rewards_G, mask_truncated=True, dynamic_sampling=False)
@@ -17,6 +17,7 @@ The figures' names are the shared vocabulary of `algos.tracking`.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
@@ -27,12 +28,14 @@ from agents.rollout import RolloutEngine, Trajectory
 from algos.distributed import all_reduce_mean, get_rank, get_world_size
 from algos.train_step import gather_lists
 from cv_env.reward import RewardConfig, apply_necessity
+from cv_env.sandbox import Sandbox
 from cv_env.tasks import load_tasks
 
 __all__ = [
     "check_rollout_backend",
     "make_generator",
     "build_engines",
+    "open_engines",
     "load_task_splits",
     "validate",
     "group_index",
@@ -89,6 +92,18 @@ def build_engines(cfg: Any, generator: Any, sandbox: Any) -> tuple[RolloutEngine
 
     return (RolloutEngine(generator, sampling=sampling(r.temperature), **shared),
             RolloutEngine(generator, sampling=sampling(r.val_temperature), **shared))
+
+
+def open_engines(cfg: Any, policy: Policy, cleanup: contextlib.ExitStack,
+                 resumed: bool) -> tuple[RolloutEngine, RolloutEngine]:
+    """A trainer's (training, validation) engines over one sandbox pool, all closed by `cleanup`.
+    After a resume a separate generator (vLLM) gets the restored weights (it loaded model.path's)."""
+    sandbox = cleanup.enter_context(Sandbox(**cfg.env.sandbox.to_kwargs()))
+    engine, val_engine = (cleanup.enter_context(e)
+                          for e in build_engines(cfg, make_generator(policy, cfg.rollout), sandbox))
+    if resumed:
+        engine.update_weights(policy.model)
+    return engine, val_engine
 
 
 def load_task_splits(cfg: Any) -> tuple[Any, list]:
