@@ -1,6 +1,6 @@
 """End-to-end learning proof on CPU (issue 9): oracle demos -> SFT -> GRPO, evaluated at each stage.
 
-    python bench/learn_curve.py                         # the full recipe (~20 min on 2 free cores)
+    python bench/learn_curve.py                         # the full recipe (~24 min on 2 free cores)
     python bench/learn_curve.py --sft-steps 60 --grpo-steps 6 --eval-n 48    # a shorter run
     OMP_NUM_THREADS=1 python bench/learn_curve.py ...   # on a machine shared with other jobs
 
@@ -13,7 +13,9 @@ Stages, each the project's own entry point run as a subprocess (what a user woul
        random Qwen3-VL (`agents.small`, 2.0 M parameters) on them;
   3.   `python -m algos.grpo +exp=tiny_learn model.path=<SFT folder>`;
   4.   `python -m algos.evaluate` on the held-out test split (greedy) with the random model, the
-       SFT model and the GRPO model: success rate (answer accuracy) and mean shaped reward.
+       SFT model and the GRPO model: success rate (answer accuracy) and mean shaped reward; and the
+       SFT and GRPO models again with 4 samples per item at GRPO's sampling temperature (avg@4),
+       the policy GRPO actually optimises.
 
 Prints the table and each stage's wall time, writes `<out>/learn_curve.png` (SFT validation loss,
 GRPO training reward and validation accuracy, the three held-out evaluations) and
@@ -34,6 +36,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from algos.config import load_config  # noqa: E402 - torch-free; after the offline switches
+
 CHANCE = 0.25  # four answer choices
 
 
@@ -50,14 +54,16 @@ def run_stage(name: str, args: list[str], log: Path) -> float:
     return seconds
 
 
-def evaluate(name: str, model_path: str, out: Path, n: int, tasks: str, checkpoint: str | None = None) -> dict:
-    """Greedy evaluation on the held-out test split; returns success rate, mean reward, episodes, seconds."""
+def evaluate(name: str, model_path: str, out: Path, n: int, tasks: str, checkpoint: str | None = None,
+             samples: int = 1, temperature: float = 0.0) -> dict:
+    """Evaluation on the held-out test split: greedy by default, or `samples` episodes per task at
+    `temperature` (avg@k). Returns success rate, mean reward, fix and format rates, episodes, seconds."""
     folder = out / f"eval_{name}"
     overrides = [
         f"model={model_path}", f"tasks={tasks}", "split=test", f"n={n}", "robustness=false",
         "max_turns=3", "max_new_tokens=96", "max_total_tokens=800", "max_pixels=12544", "prompt=compact",  # as the training runs
         "oracle=false", "cases=0", "write_transcripts=false", f"output_dir={folder}",
-        "logger=offline", f"logger.name=learn-eval-{name}",
+        "logger=offline", f"logger.name=learn-eval-{name}", f"samples={samples}", f"temperature={temperature}",
     ]
     if checkpoint:
         overrides.append(f"checkpoint={checkpoint}")
@@ -100,7 +106,12 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
     reward = [(m["step"], m["reward/total"]) for m in grpo_metrics if m.get("reward/total") is not None]
     acc = [(m["step"], m["val/acc"]) for m in grpo_metrics if m.get("val/acc") is not None]
     if reward:
-        axes[1].plot(*zip(*reward), alpha=0.6, label="train reward/total (sampled)")
+        steps, values = zip(*reward)
+        axes[1].plot(steps, values, alpha=0.3, label="train reward/total (sampled)")
+        window = 10
+        if len(values) >= window:
+            smooth = [sum(values[i - window:i]) / window for i in range(window, len(values) + 1)]
+            axes[1].plot(steps[window - 1:], smooth, color="C0", label=f"its {window}-step mean")
     if acc:
         axes[1].plot(*zip(*acc), marker="o", label="val/acc (greedy)")
     axes[1].axhline(CHANCE, color="grey", linestyle=":", label="chance (4 choices)")
@@ -108,15 +119,19 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
     axes[1].legend()
 
     names = list(table)
-    colours = ["#999", "#4a7", "#47a", "#248", "#124"]
-    axes[2].bar(range(len(names)), [table[k]["success"] for k in names], color=colours[: len(names)])
-    axes[2].set_xticks(range(len(names)), [k.replace(" (", "\n(") for k in names], fontsize=8)
-    for i, k in enumerate(names):
-        axes[2].text(i, table[k]["success"] + 0.01, f"{table[k]['success']:.0%}\nR={table[k]['reward']:.2f}",
-                     ha="center", va="bottom")
+    bars = [(i - 0.2, table[k], "#47a", "greedy") for i, k in enumerate(names)]
+    bars += [(i + 0.2, table[k]["sampled"], "#a74", "sampled") for i, k in enumerate(names) if "sampled" in table[k]]
+    for x, row, colour, label in bars:
+        axes[2].bar(x, row["success"], width=0.38, color=colour, label=label)
+        axes[2].text(x, row["success"] + 0.01, f"{row['success']:.0%}\nR={row['reward']:.2f}", ha="center",
+                     va="bottom", fontsize=8)
+    handles, labels = axes[2].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[2].legend(unique.values(), unique.keys(), loc="upper left")
+    axes[2].set_xticks(range(len(names)), names, fontsize=8)
     axes[2].axhline(CHANCE, color="grey", linestyle=":")
     episodes = table[names[0]]["episodes"] if names else 0
-    axes[2].set(title=f"held-out test success ({episodes} episodes, greedy)", ylim=(0, 1), ylabel="success rate")
+    axes[2].set(title=f"held-out test success ({episodes} items)", ylim=(0, 1), ylabel="success rate")
     fig.tight_layout()
     path = out / "learn_curve.png"
     fig.savefig(path, dpi=110)
@@ -135,6 +150,7 @@ def log_wandb(out: Path, table: dict, times: dict, png: Path, config: dict) -> N
              "val/learn_curve": wandb.Image(str(png)),
              **{f"time/{k}": v for k, v in times.items()},
              **{f"val/acc/{k}": v["success"] for k, v in table.items()},
+             **{f"val/acc_sampled/{k}": v["sampled"]["success"] for k, v in table.items() if "sampled" in v},
              **{f"val/reward/{k}": v["reward"] for k, v in table.items()}})
     run.finish()
 
@@ -151,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps (4 prompts x 8 samples)")
     parser.add_argument("--grpo-val-every", type=int, default=20, help="GRPO validation period in steps")
     parser.add_argument("--eval-n", type=int, default=256, help="held-out test episodes per evaluation")
+    parser.add_argument("--sampled-k", type=int, default=4,
+                        help="also evaluate the SFT and GRPO models with k samples per test item at GRPO's "
+                             "sampling temperature, the policy GRPO optimises (0 = greedy only)")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -163,11 +182,20 @@ def main(argv: list[str] | None = None) -> int:
         model = str(small_model_dir(args.model.partition(":")[2] or FAMILY))
     else:
         model = args.model
+    temperature = load_config(["+exp=tiny_learn", f"model.path={model}"]).rollout.temperature
     times: dict[str, float] = {}
     table: dict[str, dict] = {}
 
-    table["before SFT"] = evaluate("random", model, out, args.eval_n, args.tasks)
-    times["eval_random"] = table["before SFT"]["seconds"]
+    def evaluate_stage(stage: str, name: str, path: str, checkpoint: str | None = None) -> None:
+        table[stage] = evaluate(name, path, out, args.eval_n, args.tasks, checkpoint)
+        times[f"eval_{name}"] = table[stage]["seconds"]
+        if args.sampled_k > 0 and stage != "before SFT":  # the random model writes no well-formed turn either way
+            sampled = evaluate(f"{name}_sampled", path, out, args.eval_n, args.tasks, checkpoint,
+                               samples=args.sampled_k, temperature=temperature)
+            table[stage]["sampled"] = sampled
+            times[f"eval_{name}_sampled"] = sampled["seconds"]
+
+    evaluate_stage("before SFT", "random", model)
 
     sft_dir = out / "sft"
     times["sft"] = run_stage("SFT (demos + training)", [
@@ -177,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"trainer.output_dir={sft_dir}", "logger.progress_bar=false",
     ], out / "sft.log")
     sft_model = str(latest(sft_dir / "hf"))
-    table["after SFT"] = evaluate("sft", sft_model, out, args.eval_n, args.tasks)
-    times["eval_sft"] = table["after SFT"]["seconds"]
+    evaluate_stage("after SFT", "sft", sft_model)
 
     grpo_dir = out / "grpo"
     times["grpo"] = run_stage("GRPO", [
@@ -186,21 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         f"env.val_tasks={args.tasks}", f"trainer.total_steps={args.grpo_steps}",
         f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", "logger.progress_bar=false",
     ], out / "grpo.log")
-    table["after GRPO"] = evaluate("grpo", sft_model, out, args.eval_n, args.tasks, checkpoint=str(grpo_dir))
-    times["eval_grpo"] = table["after GRPO"]["seconds"]
+    evaluate_stage("after GRPO", "grpo", sft_model, checkpoint=str(grpo_dir))
 
     png = draw(out, read_metrics(sft_dir / "metrics.jsonl"), read_metrics(grpo_dir / "metrics.jsonl"), table)
     summary = {"table": table, "seconds": times, "png": str(png), "args": vars(args), "model": model,
-               "sft_model": sft_model, "grpo_run": str(grpo_dir)}
+               "sft_model": sft_model, "grpo_run": str(grpo_dir), "sampled_temperature": temperature}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
         log_wandb(out, table, times, png, summary)
     except Exception as error:  # noqa: BLE001 - the figures above are the result; W&B is a copy of them
         print(f"W&B logging failed ({error}); the figures are in {out / 'summary.json'}")
 
-    print(f"\n{'stage':<12} {'success':>8} {'mean reward':>12} {'fix rate':>9} {'episodes':>9}   (chance {CHANCE:.0%})")
+    print(f"\nheld-out test, chance {CHANCE:.0%}; greedy, then {args.sampled_k} samples per item at T={temperature:g}")
+    print(f"{'stage':<12} {'success':>8} {'mean reward':>12} {'fix rate':>9} {'episodes':>9}"
+          f" | {'sampled success':>15} {'reward':>7} {'fix rate':>9} {'format':>7}")
     for name, row in table.items():
-        print(f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['fix']:>9.1%} {row['episodes']:>9}")
+        line = f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['fix']:>9.1%} {row['episodes']:>9}"
+        if "sampled" in row:
+            r = row["sampled"]
+            line += f" | {r['success']:>15.1%} {r['reward']:>7.3f} {r['fix']:>9.1%} {r['fmt']:>7.1%}"
+        print(line)
     print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" (total {sum(times.values()) / 60:.1f} min)")
     print(f"curve: {png}\nsummary: {out / 'summary.json'}")
