@@ -10,7 +10,8 @@ with DAPO's clip-higher, over-long masking and dynamic sampling (Yu et al. 2025)
     5. ppo_epochs x mini-batches: clipped surrogate (+ k3 KL to the frozen reference, + entropy
        bonus), gradient accumulation over micro-batches, grad clip, AdamW step
     6. new weights to the generator (a no-op when it samples from the trained model itself)
-    7. log; every val_every steps a greedy validation (val/acc per category, apart from the
+    7. log (data/groups_with_signal: the share of groups whose rewards differ, the only ones the
+       update learns from); every val_every steps a greedy validation (val/acc per category, apart from the
        shaped reward); every save_every steps a checkpoint that `trainer.resume=auto` continues
 
 Under `torchrun` every rank rolls out and trains on its own prompts; gradients are averaged and
@@ -50,6 +51,7 @@ from algos.rollouts import (
     check_rollout_backend,
     group_index,
     group_reward_terms,
+    groups_with_signal,
     load_task_splits,
     loss_keep_mask,
     open_engines,
@@ -62,6 +64,7 @@ from algos.train_step import (
     PromptSampler,
     build_optimizer,
     build_scheduler,
+    gather_lists,
     group_minibatches,
     load_policy,
     mean_metrics,
@@ -321,6 +324,8 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                 "time/step": time.perf_counter() - step_start,
                 "data/epoch": float(sampler.epoch),
             }
+            signal = gather_lists(groups_with_signal(trajectories, advantages_G))
+            metrics["data/groups_with_signal"] = sum(signal) / max(1, len(signal))
             if reference is not None and not a.kl.in_loss:
                 kl_per_token = float(kl_G.sum()) / max(1, sum(tr.num_sampled_tokens for tr in trajectories))
                 metrics["actor/kl"] = all_reduce_mean({"kl": kl_per_token})["kl"]

@@ -41,6 +41,7 @@ __all__ = [
     "group_index",
     "group_reward_terms",
     "loss_keep_mask",
+    "groups_with_signal",
     "step_metrics",
     "episode_summary",
     "rollout_metrics",
@@ -173,6 +174,16 @@ def loss_keep_mask(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, 
                 for i in members:
                     keep[i] = False
     return keep
+
+
+def groups_with_signal(trajectories: Sequence[Trajectory], advantages_G: torch.Tensor) -> list[bool]:
+    """Per group, in order of first appearance: whether any of its trajectories has a nonzero
+    advantage. A group whose rewards are all equal teaches nothing; their share says how much of
+    a step's sampling the update can learn from (logged by GRPO as data/groups_with_signal)."""
+    signal: dict[str, bool] = {}
+    for trajectory, advantage in zip(trajectories, advantages_G.tolist()):
+        signal[trajectory.group_id] = signal.get(trajectory.group_id, False) or advantage != 0.0
+    return list(signal.values())
 
 
 def step_metrics(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, adjustments: Sequence[float],

@@ -19,7 +19,9 @@ from agents.policy import Policy  # noqa: E402
 from agents.rollout import Trajectory  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update, run  # noqa: E402
-from algos.rollouts import episode_summary, group_reward_terms, loss_keep_mask, rollout_metrics, validation_metrics  # noqa: E402
+from algos.rollouts import (  # noqa: E402
+    episode_summary, group_reward_terms, groups_with_signal, loss_keep_mask, rollout_metrics, validation_metrics,
+)
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
 from algos.train_step import (  # noqa: E402
@@ -233,6 +235,14 @@ def test_truncated_masking_and_dynamic_sampling():
     assert loss_keep_mask(trajs, rewards, mask_truncated=True, dynamic_sampling=True) == [True, False, False, False]
 
 
+def test_groups_with_signal_by_hand():
+    # x: rewards 1, 0 -> advantages +-0.71; y: 2, 2 -> all 0; z: 0, 3 -> +-0.71. Order of first appearance.
+    trajs = [_traj("x", 1), _traj("y", 2), _traj("x", 0), _traj("z", 0), _traj("y", 2), _traj("z", 3)]
+    advantages = compute_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float32), trajs, "grpo")
+    assert groups_with_signal(trajs, advantages) == [True, False, True]
+    assert groups_with_signal(trajs[1:2] + trajs[4:5], advantages[[1, 4]]) == [False]
+
+
 # --------------------------------------------------------------------------------------------
 # Shared training pieces
 # --------------------------------------------------------------------------------------------
@@ -430,6 +440,7 @@ def test_two_gloo_ranks_keep_identical_replicas_and_rank0_logs_all_episodes(tmp_
     assert torch.load(tmp_path / "run" / "layout_rank0.pt") == {"sharded": fsdp}
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]  # rank 0 logged both ranks' episodes
     assert record["step"] == 1 and "val/acc" in record and record["data/trajectories_in_loss"] == 4
+    assert record["data/groups_with_signal"] in (0.0, 0.5, 1.0)  # both ranks' groups (one prompt each)
 
 
 def test_tiny_run_with_kl_in_reward_dynamic_sampling_and_necessity(tmp_path):
