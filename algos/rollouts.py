@@ -180,10 +180,8 @@ def groups_with_signal(trajectories: Sequence[Trajectory], advantages_G: torch.T
     """Per group, in order of first appearance: whether any of its trajectories has a nonzero
     advantage. A group whose rewards are all equal teaches nothing; their share says how much of
     a step's sampling the update can learn from (logged by GRPO as data/groups_with_signal)."""
-    signal: dict[str, bool] = {}
-    for trajectory, advantage in zip(trajectories, advantages_G.tolist()):
-        signal[trajectory.group_id] = signal.get(trajectory.group_id, False) or advantage != 0.0
-    return list(signal.values())
+    group_ids_G = group_index(trajectories)
+    return [bool((advantages_G[group_ids_G == g] != 0).any()) for g in range(len(group_ids_G.unique()))]
 
 
 def step_metrics(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, adjustments: Sequence[float],

@@ -42,18 +42,16 @@ import torch  # noqa: E402
 
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update  # noqa: E402
-from algos.rollouts import load_task_splits, loss_keep_mask, open_engines  # noqa: E402
+from algos.rollouts import episode_summary, load_task_splits, loss_keep_mask, open_engines, rollout_metrics  # noqa: E402
 from algos.train_step import build_optimizer, build_scheduler, load_policy, seed_everything  # noqa: E402
 
 
-def mean_component(trajectories, name: str) -> float:
-    return sum(t.reward_components.get(name, 0.0) for t in trajectories) / len(trajectories)
-
-
 def figures(trajectories) -> dict[str, float]:
-    """Mean reward, answer accuracy, fix rate and format rate of sampled trajectories."""
-    return {"reward": sum(t.reward for t in trajectories) / len(trajectories), "acc": mean_component(trajectories, "acc"),
-            "fix": mean_component(trajectories, "mandatory"), "fmt": mean_component(trajectories, "fmt")}
+    """Mean reward, answer accuracy, fix rate and format rate of sampled trajectories (the
+    trainer's own reward/* rollout metrics)."""
+    m = rollout_metrics([episode_summary(t) for t in trajectories])
+    return {"reward": m["reward/total"], "acc": m.get("reward/acc", 0.0), "fix": m.get("reward/mandatory", 0.0),
+            "fmt": m.get("reward/fmt", 0.0)}
 
 
 def fit(model: str, tasks: str, temperature: float, lr: float, prompts: int, n: int, rounds: int) -> dict:
