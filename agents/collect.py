@@ -8,7 +8,8 @@ engine (`ScriptedBackend`), so every record is a `Trajectory` exactly as a polic
 produce it: the model's chat template, token ids with image placeholders, loss mask 1 on the
 oracle's turns (what SFT trains on), rewards and components. Read them back with
 `agents.trajectory.read_jsonl`; `Policy.collate` turns them into a training batch. Only episodes
-that earn the task's ideal reward are kept (`--keep-all` to keep every one).
+that earn the task's ideal reward are kept (`--keep-all` to keep every one); with `--tool-rate`
+below 1, an item the oracle answers without the tool earns the reward of that answer instead.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_turns: int = 4,
             max_pixels: int = 1024 * 28 * 28, max_total_tokens: int = 16384, batch: int = 64,
-            workers: int = 2, seed: int = 0, keep_all: bool = False, prompt: str = "full") -> dict:
-    """Write oracle trajectories of the first `num_tasks` tasks of `tasks`/`split` to `out`; return counts."""
+            workers: int = 2, seed: int = 0, keep_all: bool = False, prompt: str = "full",
+            tool_rate: float = 1.0) -> dict:
+    """Write oracle trajectories of the first `num_tasks` tasks of `tasks`/`split` to `out`; return counts.
+
+    tool_rate < 1: the oracle skips the tool on that share of the tasks that need it and answers
+    at once (`OracleAgent(tool_rate)`); such an episode is kept when it earns the reward of a
+    correct answer without calls.
+    """
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
-    from agents.scripted import ideal_reward
+    from agents.scripted import OracleAgent, ideal_reward
     from agents.trajectory import write_jsonl
     from cv_env.reward import RewardConfig
     from cv_env.sandbox import Sandbox
@@ -40,7 +47,8 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
         raise ValueError(f"the task source {tasks!r} ({split}) is empty: nothing to collect")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: write_jsonl appends, so give a new path (or delete the old file)")
-    backend = ScriptedBackend(load_processor(model))
+    agent = OracleAgent(tool_rate, seed=seed)
+    backend = ScriptedBackend(load_processor(model), agent_factory=lambda: OracleAgent(tool_rate, seed=seed))
     reward = RewardConfig()  # the env's default, which the engine's envs use here
     kept = skipped = 0
     start = time.perf_counter()
@@ -52,7 +60,7 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
             chunk = [source[i] for i in range(first, min(count, first + batch))]
             trajectories = engine.rollout(chunk, n=1, seed=seed + first)
             good = [t for t, task in zip(trajectories, chunk)
-                    if keep_all or abs(t.reward - ideal_reward(task, reward)["total"]) < 1e-6]
+                    if keep_all or abs(t.reward - ideal_reward(task, reward, agent.uses_tool(task))["total"]) < 1e-6]
             skipped += len(trajectories) - len(good)
             kept += len(good)
             write_jsonl(good, out)
@@ -75,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-all", action="store_true", help="keep episodes below the ideal reward too")
     parser.add_argument("--prompt", default="full", choices=["full", "compact"],
                         help="the env's prompt preset (cv_env.protocol.PROMPTS), as the RL runs will use")
+    parser.add_argument("--tool-rate", type=float, default=1.0,
+                        help="share of the tasks needing an op that the oracle solves with the tool; on the rest it "
+                             "answers at once (a teacher that often skips the tool)")
     args = parser.parse_args(argv)
     result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out, args.max_turns, args.max_pixels,
-                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all, args.prompt)
+                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all, args.prompt,
+                     args.tool_rate)
     print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the ideal reward "
           f"skipped) in {result['seconds']:.1f} s")
     return 0

@@ -14,6 +14,7 @@ Both work without torch: `agents.scripted` imports only `cv_env`.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from cv_env.protocol import TOOL_NAME
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components
 from cv_env.task import Task
-from cv_env.tasks.oracle import oracle_solution
+from cv_env.tasks.oracle import oracle_code, oracle_solution
 
 
 def tool_call_turn(code: str, image_index: int = 0, description: str = "", thought: str = "") -> str:
@@ -41,14 +42,35 @@ class OracleAgent:
 
     Usage: `agent.reset(task)` at the start of an episode (the env's `task` property gives it),
     then `agent.act()` for each turn. It earns `ideal_reward(task)` on every built-in category.
+
+    tool_rate < 1 makes it a teacher that knows every answer but often skips the tool: on a
+    share 1 - tool_rate of the tasks that need an op (chosen by `uses_tool`, a pure function
+    of the task id and `seed`) it answers at once, earning `ideal_reward(task, tools=False)`.
+    Demonstrations from such a teacher show a student answers it cannot always reproduce.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tool_rate: float = 1.0, seed: int = 0) -> None:
+        if not 0.0 <= tool_rate <= 1.0:
+            raise ValueError(f"tool_rate must be within [0, 1] (the share of tasks solved with the tool), got {tool_rate}")
+        self.tool_rate = float(tool_rate)
+        self.seed = int(seed)
         self._turns: list[str] = []
+
+    def uses_tool(self, task: Task) -> bool:
+        """Whether this agent calls the tool on `task` (always when tool_rate is 1 and an op is needed)."""
+        if oracle_code(task) is None:
+            return False
+        if self.tool_rate >= 1.0:
+            return True
+        draw = zlib.crc32(f"{self.seed}:{task.id}".encode()) / 2**32  # uniform in [0, 1), stable across runs
+        return draw < self.tool_rate
 
     def reset(self, task: Task) -> None:
         self._turns = []
-        for step in oracle_solution(task):
+        steps = oracle_solution(task)
+        if len(steps) > 1 and not self.uses_tool(task):
+            steps = [{"answer": task.answer, "thought": f"I answer from the image as shown: the answer is {task.answer}."}]
+        for step in steps:
             if "answer" in step:
                 self._turns.append(answer_turn(step["answer"], step.get("thought", "")))
             else:
@@ -111,7 +133,7 @@ class RandomAgent:
         return tool_call_turn(code, index)
 
 
-def ideal_reward(task: Task, reward: RewardConfig | None = None) -> dict[str, float]:
+def ideal_reward(task: Task, reward: RewardConfig | None = None, tools: bool = True) -> dict[str, float]:
     """The reward components of the ideal episode of `task`: the most an agent earns without gaming.
 
     Ideal: one successful execution doing exactly the required inverse ops E (the crop exactly at
@@ -119,15 +141,20 @@ def ideal_reward(task: Task, reward: RewardConfig | None = None) -> dict[str, fl
     the correct answer, every turn well formatted. A task that needs nothing is answered directly.
     (On a clean task an agent could add 0.2 more by a gratuitous enhancement: that is reward
     gaming, not the maximum a task offers.)
+
+    tools=False: the reward of the correct answer given at once, without any call (what
+    `OracleAgent` earns on a task where it skips the tool).
     """
     cfg = reward or RewardConfig()
     required = task.required_ops
     used = set(required) | ({"enhance"} if task.extra.get("corruption") else set())
+    if not tools:
+        used = set()
     calls = 1 if used else 0
     turns = [tool_call_turn("result = image")] * calls + [answer_turn(task.answer)]
     outcome = EpisodeOutcome(
         assistant_turns=turns, correct=True, required_ops=required, used_ops=used,
-        crop_boxes=[list(task.bbox)] if task.bbox is not None and "crop" in required else [],
+        crop_boxes=[list(task.bbox)] if "crop" in used and task.bbox is not None else [],
         bbox=task.bbox, n_calls=calls, n_failed=0,
     )
     return episode_components(outcome, cfg)

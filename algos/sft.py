@@ -66,14 +66,14 @@ def _oracle_demos(cfg: SFTConfig, output_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         result = collect(cfg.model.path, o.tasks, o.split, o.num_tasks, str(tmp / "oracle.jsonl"),
                          max_turns=o.max_turns, max_pixels=cfg.data.max_pixels, max_total_tokens=cfg.data.max_tokens,
-                         workers=o.workers, seed=cfg.trainer.seed, prompt=cfg.data.prompt)
+                         workers=o.workers, seed=cfg.trainer.seed, prompt=cfg.data.prompt, tool_rate=o.tool_rate)
         if result["kept"] == 0:
             raise RuntimeError(f"the oracle earned the ideal reward on none of the {o.num_tasks} tasks of "
                                f"{o.tasks!r}: no demonstrations to train on (check data.oracle.max_turns)")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        print(f"recorded {result['kept']} oracle demonstrations in {demos} ({result['skipped']} below the ideal "
-              f"reward left out)", flush=True)
+        print(f"recorded {result['kept']} oracle demonstrations in {demos} ({result['skipped']} below the reward "
+              f"of the oracle's plan left out)", flush=True)
     barrier()
     return demos
 

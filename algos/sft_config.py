@@ -40,6 +40,7 @@ class OracleDemoConfig:
     num_tasks: int = 256
     max_turns: int = 4
     workers: int = 2
+    tool_rate: float = 1.0
 
 
 @dataclass
@@ -129,6 +130,8 @@ def _validate(cfg: SFTConfig) -> None:
     _require(d.oracle.num_tasks >= 1, "data.oracle.num_tasks", f"must be >= 1, got {d.oracle.num_tasks}")
     _require(d.oracle.max_turns >= 1, "data.oracle.max_turns", f"must be >= 1, got {d.oracle.max_turns}")
     _require(d.oracle.workers >= 1, "data.oracle.workers", f"must be >= 1, got {d.oracle.workers}")
+    _require(0.0 <= d.oracle.tool_rate <= 1.0, "data.oracle.tool_rate",
+             f"must be within [0, 1] (the share of tasks the oracle solves with the tool), got {d.oracle.tool_rate}")
     _require(d.max_tokens >= 16, "data.max_tokens", f"must be >= 16, got {d.max_tokens}")
     _require(d.max_pixels >= 28 * 28, "data.max_pixels", f"must be >= 784 (one 28x28 patch), got {d.max_pixels}")
     _choice(d.system_prompt, SYSTEM_PROMPT_MODES, "data.system_prompt")

@@ -69,3 +69,29 @@ def test_turn_builders_speak_the_protocol():
     assert (answer.kind, answer.answer) == ("answer", "42")
     with pytest.raises(RuntimeError, match="call reset"):
         OracleAgent().act()
+
+
+def test_a_teacher_that_skips_the_tool_answers_at_once_and_earns_the_tool_free_reward(sandbox):
+    """OracleAgent(tool_rate) is the teacher of the issue-9 experiment: it knows every answer, but on
+    a share of the tasks that need a fix it answers without the tool. Which tasks is a pure function
+    of the task id and the seed, so demonstrations are reproducible whatever the order of play."""
+    tasks = load_tasks("corner_orientation", split="test")
+    env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, max_turns=3)
+    teacher = OracleAgent(tool_rate=0.5, seed=3)
+    needs_fix = [i for i in range(60) if tasks[i].required_ops]
+    skipped = [i for i in needs_fix if not teacher.uses_tool(tasks[i])]
+    assert 0.3 < len(skipped) / len(needs_fix) < 0.7  # about half, drawn per task
+    assert [OracleAgent(0.5, seed=3).uses_tool(tasks[i]) for i in needs_fix] == [teacher.uses_tool(tasks[i]) for i in needs_fix]
+    assert any(OracleAgent(0.5, seed=4).uses_tool(tasks[i]) != teacher.uses_tool(tasks[i]) for i in needs_fix)
+    for index in (skipped[0], next(i for i in needs_fix if i not in skipped)):
+        episode = play_episode(env, OracleAgent(tool_rate=0.5, seed=3), options={"index": index})
+        task, components = episode["task"], episode["info"]["reward_components"]
+        uses_tool = teacher.uses_tool(task)
+        assert len(episode["actions"]) == (2 if uses_tool else 1)
+        assert components == pytest.approx(ideal_reward(task, tools=uses_tool))
+        assert components["acc"] == 1  # the answer is right either way; only the fix (mandatory) is missing
+    assert ideal_reward(tasks[skipped[0]], tools=False)["total"] == pytest.approx(1.1)  # acc 1 + fmt 0.1
+    assert not any(OracleAgent(0.0).uses_tool(tasks[i]) for i in needs_fix)
+    assert all(OracleAgent(1.0).uses_tool(tasks[i]) for i in needs_fix)
+    with pytest.raises(ValueError, match="tool_rate"):
+        OracleAgent(tool_rate=1.5)

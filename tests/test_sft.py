@@ -310,6 +310,25 @@ def test_run_trains_validates_exports_and_resumes(demos, tmp_path):
     assert sorted(p.name for p in (out / "hf").iterdir()) == ["step_00000002", "step_00000003"]
 
 
+def test_demonstrations_of_a_teacher_that_often_skips_the_tool(tmp_path):
+    """data.oracle.tool_rate: the recorded episodes mix tool calls and direct answers, every one kept
+    (a direct answer earns the tool-free reward, not the ideal one), and all answers right."""
+    from agents.trajectory import read_jsonl
+
+    path = tmp_path / "half.jsonl"
+    result = collect(MODEL, "corner_orientation", "train", 24, str(path), max_turns=3, max_pixels=12544,
+                     workers=1, prompt="compact", tool_rate=0.5)
+    assert result["kept"] == 24 and result["skipped"] == 0
+    records = read_jsonl(path)
+    calls = [r.num_tool_calls for r in records]
+    assert set(calls) == {0, 1} and 6 <= calls.count(1) <= 18
+    assert all(r.reward_components["acc"] == 1 for r in records)
+    assert all(r.reward_components["mandatory"] == 1 for r in records if r.num_tool_calls)
+    assert any(r.reward_components["mandatory"] == 0 for r in records)  # fixes the teacher skipped
+    with pytest.raises(ValueError, match="data.oracle.tool_rate"):
+        load_sft_config(["+exp=tiny_sft", "data.oracle.tool_rate=2"])
+
+
 def test_configs_compose_and_demand_data():
     cfg = load_sft_config(["+exp=tiny_sft"])
     assert (cfg.model.path, cfg.data.oracle.tasks, cfg.trainer.output_dir) == (MODEL, "synthetic", "outputs/sft-tiny")
