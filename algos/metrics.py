@@ -51,8 +51,10 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
     episodes}}), robustness ({variant: accuracy, ..., "average"} or None when no episode has a
     variant), robustness_by_category, reward (mean total), reward_components (means), turns,
     tool_calls (per episode), exec_success (share of tool calls that ran; None without calls),
-    truncated (share), op_usage ({op: share of episodes that applied it} or None when some
-    episode does not know its ops).
+    with_calls (share of episodes that called the tool), acc_with_calls / acc_without_calls
+    (accuracy of the episodes that did / did not; None where there are none), truncated (share),
+    op_usage ({op: share of episodes that applied it} or None when some episode does not know its
+    ops).
     """
     episodes = list(transcripts)
     if not episodes:
@@ -70,6 +72,8 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
             if name != "total":
                 components[name].append(float(value))
     calls = sum(e.num_tool_calls for e in episodes)
+    with_calls = [bool(e.success) for e in episodes if e.num_tool_calls]
+    without_calls = [bool(e.success) for e in episodes if not e.num_tool_calls]
     failed = sum(e.num_failed_calls for e in episodes)
     op_usage = None
     if all(e.used_ops is not None for e in episodes):
@@ -93,6 +97,9 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
         "turns": _mean([e.num_turns for e in episodes]),
         "tool_calls": calls / n,
         "exec_success": (calls - failed) / calls if calls else None,
+        "with_calls": len(with_calls) / n,
+        "acc_with_calls": _mean(with_calls) if with_calls else None,
+        "acc_without_calls": _mean(without_calls) if without_calls else None,
         "truncated": _mean([bool(e.truncated) for e in episodes]),
         "op_usage": op_usage,
     }
@@ -126,8 +133,9 @@ def report_metrics(summary: Mapping[str, Any], prefix: str = "val") -> dict[str,
     }
     out.update({f"{prefix}/acc/{c}": v["accuracy"] for c, v in summary["by_category"].items()})
     out.update({f"{prefix}/reward/{name}": v for name, v in summary["reward_components"].items()})
-    if summary["exec_success"] is not None:
-        out[f"{prefix}/tool/exec_success"] = summary["exec_success"]
+    for name in ("exec_success", "acc_with_calls", "acc_without_calls"):
+        if summary[name] is not None:
+            out[f"{prefix}/tool/{name}"] = summary[name]
     for op, share in (summary["op_usage"] or {}).items():
         out[f"{prefix}/tool/op/{op}"] = share
     for variant, acc in (summary["robustness"] or {}).items():
@@ -189,6 +197,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         ["turns / episode"] + [f"{agents[a]['turns']:.2f}" for a in names],
         ["tool calls / episode"] + [f"{agents[a]['tool_calls']:.2f}" for a in names],
         ["execution success (%)"] + [_pct(agents[a]["exec_success"]) for a in names],
+        ["episodes with a tool call (%)"] + [_pct(agents[a]["with_calls"]) for a in names],
+        ["accuracy with a tool call (%)"] + [_pct(agents[a]["acc_with_calls"]) for a in names],
+        ["accuracy without (%)"] + [_pct(agents[a]["acc_without_calls"]) for a in names],
         ["truncated (%)"] + [_pct(agents[a]["truncated"]) for a in names],
         ["shaped reward"] + [f"{agents[a]['reward']:.3f}" for a in names],
     ])

@@ -265,7 +265,9 @@ def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
-    val/reward/total and val/tool/calls_per_episode, from greedy `episode_summary`s."""
+    val/reward/total, val/tool/calls_per_episode and val/tool/acc_with_calls /
+    acc_without_calls (accuracy of the episodes that did / did not call the tool, where there
+    are any), from greedy `episode_summary`s."""
     if not summaries:
         return {}
     by_category: dict[str, list[bool]] = defaultdict(list)
@@ -278,6 +280,10 @@ def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, floa
         "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
     }
     out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
+    for name, called in (("acc_with_calls", True), ("acc_without_calls", False)):
+        chosen = [s["success"] for s in summaries if bool(s["num_tool_calls"]) == called]
+        if chosen:
+            out[f"val/tool/{name}"] = sum(chosen) / len(chosen)
     return out
 
 

@@ -54,6 +54,9 @@ def test_summary_by_hand():
     assert s["reward_components"] == pytest.approx({"acc": 0.75})  # "total" is the reward itself, not a term
     assert s["turns"] == pytest.approx(8 / 4) and s["tool_calls"] == pytest.approx(4 / 4)
     assert s["exec_success"] == pytest.approx((4 - 2) / 4)  # 4 calls, 2 failed
+    # Both A episodes and B@rotate_90 called the tool (two of three right); B@original did not (right).
+    assert s["with_calls"] == pytest.approx(3 / 4)
+    assert s["acc_with_calls"] == pytest.approx(2 / 3) and s["acc_without_calls"] == 1.0
     assert s["truncated"] == pytest.approx(1 / 4)
     assert s["op_usage"] == pytest.approx({"crop": 2 / 4, "rotate_270": 1 / 4})
 
@@ -71,6 +74,7 @@ def test_samples_give_avg_and_pass_at_k():
 def test_unknown_ops_and_no_calls():
     s = summarize([_episode("A", True, ops=None), _episode("B", True, ops=["crop"])])
     assert s["op_usage"] is None and s["exec_success"] is None
+    assert s["with_calls"] == 0 and s["acc_with_calls"] is None and s["acc_without_calls"] == 1.0
     with pytest.raises(ValueError, match="at least one episode"):
         summarize([])
 
@@ -102,12 +106,15 @@ def test_report_metrics_and_markdown():
     assert metrics["val/robustness/rotate_90"] == 0.0 and metrics["val/robustness/average"] == 0.5
     assert metrics["val/tool/exec_success"] == 0.5 and metrics["val/tool/op/crop"] == 0.5
     assert "val/oracle/tool/exec_success" not in metrics  # the oracle made no call here
+    assert metrics["val/tool/acc_with_calls"] == 0.5 and metrics["val/oracle/tool/acc_without_calls"] == 1.0
+    assert "val/tool/acc_without_calls" not in metrics and "val/oracle/tool/acc_with_calls" not in metrics
     text = report_markdown({"title": "T", "agents": {"model": model, "oracle": oracle},
                             "cases": {"model": {"worst": "cases/model_worst.html"}}})
     assert "| agent | original | rotate_90 | average |" in text
     assert "| model | 100.0 | 0.0 | 50.0 |" in text and "| oracle | 100.0 | 100.0 | 100.0 |" in text
     assert "| **all** | **50.0** | **100.0** |" in text
     assert "| execution success (%) | 50.0 | – |" in text
+    assert "| accuracy with a tool call (%) | 50.0 | – |" in text and "| accuracy without (%) | – | 100.0 |" in text
     assert "[worst](cases/model_worst.html)" in text
 
 

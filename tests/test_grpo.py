@@ -377,6 +377,9 @@ def test_rollout_and_validation_metrics_by_hand():
     v = validation_metrics(summaries + [dict(summaries[0], success=False)])
     assert v["val/acc"] == pytest.approx(1 / 3)
     assert v["val/acc/charts"] == 0.5 and v["val/acc/tiny_ocr"] == 0.0
+    # Two episodes called the tool (one right), one did not (wrong).
+    assert v["val/tool/acc_with_calls"] == 0.5 and v["val/tool/acc_without_calls"] == 0.0
+    assert "val/tool/acc_without_calls" not in validation_metrics(summaries[:1])
 
 
 # --------------------------------------------------------------------------------------------
