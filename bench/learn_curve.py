@@ -1,6 +1,8 @@
-"""End-to-end learning proof on CPU (issue 9): oracle demos -> SFT -> GRPO, evaluated at each stage.
+"""End-to-end learning proof on CPU (issue 9): teacher demos -> SFT -> GRPO, evaluated at each stage.
 
-    python bench/learn_curve.py                         # the full recipe (~24 min on 2 free cores)
+    python bench/learn_curve.py                         # the recipe (~23 min on 2 free cores)
+    python bench/learn_curve.py --seed 1                # a replicate: other demos, data order and samples
+    python bench/learn_curve.py --tool-rate 1.0 --tasks glyph_orientation   # the perfect teacher, the glyph task
     python bench/learn_curve.py --sft-steps 60 --grpo-steps 6 --eval-n 48    # a shorter run
     OMP_NUM_THREADS=1 python bench/learn_curve.py ...   # on a machine shared with other jobs
 
@@ -8,19 +10,23 @@ On a shared 2-core machine, two processes that each run 2 OpenMP threads make bo
 barriers: SFT steps of 3 s took 45-80 s. One thread per process is slower alone but steady.
 
 Stages, each the project's own entry point run as a subprocess (what a user would type):
-  1+2. `python -m algos.sft +exp=tiny_learn_sft`: records oracle demonstrations of the easy
-       `glyph_orientation` category (train split; `--tasks` picks another), then fine-tunes a small
-       random Qwen3-VL (`agents.small`, 2.0 M parameters) on them;
+  1+2. `python -m algos.sft +exp=tiny_learn_sft`: records demonstrations of the easy
+       `corner_orientation` category (train split; `--tasks` picks another) by the oracle
+       teacher, which knows every answer but fixes the image on only `--tool-rate` of the items
+       that need it and answers the rest at once; then fine-tunes a small random Qwen3-VL
+       (`agents.small`, 2.0 M parameters) on them;
   3.   `python -m algos.grpo +exp=tiny_learn model.path=<SFT folder>`;
   4.   `python -m algos.evaluate` on the held-out test split (greedy) with the random model, the
-       SFT model and the GRPO model: success rate (answer accuracy) and mean shaped reward; and the
-       SFT and GRPO models again with 4 samples per item at GRPO's sampling temperature (avg@4),
-       the policy GRPO actually optimises.
+       SFT model and the GRPO model: success rate (answer accuracy), mean shaped reward, fix rate
+       and tool calls per episode; and the SFT and GRPO models again with 4 samples per item at
+       GRPO's sampling temperature (avg@4), the policy GRPO actually optimises.
 
-Prints the table and each stage's wall time, writes `<out>/learn_curve.png` (SFT validation loss,
-GRPO training reward and validation accuracy, the three held-out evaluations) and
-`<out>/summary.json`, and logs them to a W&B offline run in `<out>/wandb`. Every stage's own run
-folder (metrics.jsonl, W&B files, checkpoints, report.json) stays under `<out>`.
+Settings not given on the command line are the recipe's (`conf/exp/tiny_learn_sft.yaml`,
+`conf/exp/tiny_learn.yaml`). Prints the table and each stage's wall time, writes
+`<out>/learn_curve.png` (SFT validation loss; GRPO training reward, validation accuracy and tool
+calls; the held-out evaluations) and `<out>/summary.json`, and logs them to a W&B offline run in
+`<out>/wandb`. Every stage's own run folder (metrics.jsonl, W&B files, checkpoints, report.json)
+stays under `<out>`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from algos.config import load_config  # noqa: E402 - torch-free; after the offline switches
+from algos.sft_config import load_sft_config  # noqa: E402
 
 CHANCE = 0.25  # four answer choices
 
@@ -72,7 +79,12 @@ def evaluate(name: str, model_path: str, out: Path, n: int, tasks: str, checkpoi
     agent = next(iter(report["agents"].values()))
     return {"success": agent["accuracy"], "reward": agent["reward"], "episodes": agent["episodes"],
             "tool_calls": agent["tool_calls"], "fmt": agent["reward_components"].get("fmt", 0.0),
-            "fix": agent["reward_components"].get("mandatory", 0.0), "seconds": seconds}
+            "fix": agent["reward_components"].get("mandatory", 0.0), "acc_with_calls": agent["acc_with_calls"],
+            "acc_without_calls": agent["acc_without_calls"], "seconds": seconds}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -100,11 +112,13 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
         axes[0].plot(*zip(*train), alpha=0.4, label="train loss")
     if val:
         axes[0].plot(*zip(*val), marker="o", label="validation loss")
-    axes[0].set(title="SFT on oracle demonstrations", xlabel="optimizer step", ylabel="cross-entropy (assistant tokens)")
+    axes[0].set(title="SFT on the teacher's demonstrations", xlabel="optimizer step", ylabel="cross-entropy (assistant tokens)")
     axes[0].legend()
 
     reward = [(m["step"], m["reward/total"]) for m in grpo_metrics if m.get("reward/total") is not None]
     acc = [(m["step"], m["val/acc"]) for m in grpo_metrics if m.get("val/acc") is not None]
+    calls = [(m["step"], m["val/tool/calls_per_episode"]) for m in grpo_metrics
+             if m.get("val/tool/calls_per_episode") is not None]
     if reward:
         steps, values = zip(*reward)
         axes[1].plot(steps, values, alpha=0.3, label="train reward/total (sampled)")
@@ -114,9 +128,11 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
             axes[1].plot(steps[window - 1:], smooth, color="C0", label=f"its {window}-step mean")
     if acc:
         axes[1].plot(*zip(*acc), marker="o", label="val/acc (greedy)")
+    if calls:
+        axes[1].plot(*zip(*calls), marker="s", linestyle="--", label="val tool calls / episode (greedy)")
     axes[1].axhline(CHANCE, color="grey", linestyle=":", label="chance (4 choices)")
     axes[1].set(title="GRPO from the SFT checkpoint", xlabel="GRPO step")
-    axes[1].legend()
+    axes[1].legend(fontsize=8)
 
     names = list(table)
     bars = [(i - 0.2, table[k], "#47a", "greedy") for i, k in enumerate(names)]
@@ -131,7 +147,7 @@ def draw(out: Path, sft_metrics: list[dict], grpo_metrics: list[dict], table: di
     axes[2].set_xticks(range(len(names)), names, fontsize=8)
     axes[2].axhline(CHANCE, color="grey", linestyle=":")
     episodes = table[names[0]]["episodes"] if names else 0
-    axes[2].set(title=f"held-out test success ({episodes} items)", ylim=(0, 1), ylabel="success rate")
+    axes[2].set(title=f"held-out test success ({episodes} items)", ylim=(0, 1.15), ylabel="success rate")
     fig.tight_layout()
     path = out / "learn_curve.png"
     fig.savefig(path, dpi=110)
@@ -145,8 +161,9 @@ def log_wandb(out: Path, table: dict, times: dict, png: Path, config: dict) -> N
 
     run = wandb.init(project="codevision-gym", name="learn-curve", dir=str(out), mode=os.environ["WANDB_MODE"],
                      config=config, reinit=True)
-    rows = [[k, v["success"], v["reward"], v["episodes"]] for k, v in table.items()]
-    run.log({"val/learn_table": wandb.Table(columns=["stage", "success", "mean_reward", "episodes"], data=rows),
+    rows = [[k, v["success"], v["reward"], v["tool_calls"], v["episodes"]] for k, v in table.items()]
+    columns = ["stage", "success", "mean_reward", "tool_calls_per_episode", "episodes"]
+    run.log({"val/learn_table": wandb.Table(columns=columns, data=rows),
              "val/learn_curve": wandb.Image(str(png)),
              **{f"time/{k}": v for k, v in times.items()},
              **{f"val/acc/{k}": v["success"] for k, v in table.items()},
@@ -160,12 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/learn", help="folder of every stage's run (must not hold a previous run)")
     parser.add_argument("--model", default="small",
                         help="small (agents.small: Qwen3-VL, 2.0 M) | small:<family> (small:qwen2_5_vl, 1.7 M) | a folder")
-    parser.add_argument("--tasks", default="glyph_orientation",
-                        help="the category of every stage: corner_orientation | glyph_orientation (a 4-way choice)")
-    parser.add_argument("--demos", type=int, default=1536, help="oracle demonstrations to record")
-    parser.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (batch 32)")
-    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps (4 prompts x 8 samples)")
-    parser.add_argument("--grpo-val-every", type=int, default=20, help="GRPO validation period in steps")
+    parser.add_argument("--tasks", default=None,
+                        help="the category of every stage (default: the recipe's, +exp=tiny_learn_sft's "
+                             "data.oracle.tasks): corner_orientation | glyph_orientation (a 4-way choice)")
+    parser.add_argument("--demos", type=int, default=None, help="oracle demonstrations to record (default: the recipe's)")
+    parser.add_argument("--tool-rate", type=float, default=None,
+                        help="share of the demonstrations needing a fix that the oracle solves with the tool; on "
+                             "the rest it answers at once (data.oracle.tool_rate; default: the recipe's)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps, batch 32 (default: the recipe's)")
+    parser.add_argument("--grpo-steps", type=int, default=None,
+                        help="GRPO steps, 4 prompts x 8 samples (default: the recipe's)")
+    parser.add_argument("--grpo-val-every", type=int, default=None, help="GRPO validation period in steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="trainer.seed of SFT and GRPO: which demonstrations are recorded, the data order, the "
+                             "GRPO prompts and samples (the held-out test items stay the same)")
     parser.add_argument("--eval-n", type=int, default=256, help="held-out test episodes per evaluation")
     parser.add_argument("--sampled-k", type=int, default=4,
                         help="also evaluate the SFT and GRPO models with k samples per test item at GRPO's "
@@ -182,7 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         model = str(small_model_dir(args.model.partition(":")[2] or FAMILY))
     else:
         model = args.model
-    temperature = load_config(["+exp=tiny_learn", f"model.path={model}"]).rollout.temperature
+    # Every setting not given on the command line is the recipe's (+exp=tiny_learn_sft, +exp=tiny_learn).
+    grpo_cfg = load_config(["+exp=tiny_learn", f"model.path={model}"])
+    sft_cfg = load_sft_config(["+exp=tiny_learn_sft"])
+    args.tasks = args.tasks or sft_cfg.data.oracle.tasks
+    args.demos = args.demos or sft_cfg.data.oracle.num_tasks
+    args.tool_rate = sft_cfg.data.oracle.tool_rate if args.tool_rate is None else args.tool_rate
+    args.sft_steps = args.sft_steps or sft_cfg.trainer.total_steps
+    args.grpo_steps = args.grpo_steps or grpo_cfg.trainer.total_steps
+    args.grpo_val_every = args.grpo_val_every or grpo_cfg.trainer.val_every
+    temperature = grpo_cfg.rollout.temperature
     times: dict[str, float] = {}
     table: dict[str, dict] = {}
 
@@ -200,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_dir = out / "sft"
     times["sft"] = run_stage("SFT (demos + training)", [
         "algos.sft", "+exp=tiny_learn_sft", f"model.path={model}", f"data.oracle.tasks={args.tasks}",
-        f"data.oracle.num_tasks={args.demos}",
+        f"data.oracle.num_tasks={args.demos}", f"data.oracle.tool_rate={args.tool_rate}",
         f"trainer.total_steps={args.sft_steps}", f"trainer.val_every={max(1, args.sft_steps // 6)}",
-        f"trainer.output_dir={sft_dir}", "logger.progress_bar=false",
+        f"trainer.output_dir={sft_dir}", f"trainer.seed={args.seed}", "logger.progress_bar=false",
     ], out / "sft.log")
     sft_model = str(latest(sft_dir / "hf"))
     evaluate_stage("after SFT", "sft", sft_model)
@@ -211,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     times["grpo"] = run_stage("GRPO", [
         "algos.grpo", "+exp=tiny_learn", f"model.path={sft_model}", f"env.tasks={args.tasks}",
         f"env.val_tasks={args.tasks}", f"trainer.total_steps={args.grpo_steps}",
-        f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", "logger.progress_bar=false",
+        f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", f"trainer.seed={args.seed}",
+        "logger.progress_bar=false",
     ], out / "grpo.log")
     evaluate_stage("after GRPO", "grpo", sft_model, checkpoint=str(grpo_dir))
 
@@ -225,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"W&B logging failed ({error}); the figures are in {out / 'summary.json'}")
 
     print(f"\nheld-out test, chance {CHANCE:.0%}; greedy, then {args.sampled_k} samples per item at T={temperature:g}")
-    print(f"{'stage':<12} {'success':>8} {'mean reward':>12} {'fix rate':>9} {'episodes':>9}"
-          f" | {'sampled success':>15} {'reward':>7} {'fix rate':>9} {'format':>7}")
+    print(f"{'stage':<12} {'success':>8} {'mean reward':>12} {'fix rate':>9} {'calls/ep':>9} {'acc w/ call':>12}"
+          f" {'acc w/o':>8} {'episodes':>9} | {'sampled success':>15} {'reward':>7} {'fix rate':>9} {'calls/ep':>9}"
+          f" {'acc w/ call':>12} {'acc w/o':>8} {'format':>7}")
     for name, row in table.items():
-        line = f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['fix']:>9.1%} {row['episodes']:>9}"
+        line = (f"{name:<12} {row['success']:>8.1%} {row['reward']:>12.3f} {row['fix']:>9.1%} {row['tool_calls']:>9.2f}"
+                f" {_pct(row['acc_with_calls']):>12} {_pct(row['acc_without_calls']):>8} {row['episodes']:>9}")
         if "sampled" in row:
             r = row["sampled"]
-            line += f" | {r['success']:>15.1%} {r['reward']:>7.3f} {r['fix']:>9.1%} {r['fmt']:>7.1%}"
+            line += (f" | {r['success']:>15.1%} {r['reward']:>7.3f} {r['fix']:>9.1%} {r['tool_calls']:>9.2f}"
+                     f" {_pct(r['acc_with_calls']):>12} {_pct(r['acc_without_calls']):>8} {r['fmt']:>7.1%}")
         print(line)
     print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" (total {sum(times.values()) / 60:.1f} min)")

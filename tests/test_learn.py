@@ -1,7 +1,8 @@
 """The learning-proof recipe (issue 9): its configs validate and its small model fits the demos.
 
-The experiment itself (bench/learn_curve.py) takes ~30 CPU minutes and is not a test; these
-check the cheap things it relies on.
+The experiment itself (bench/learn_curve.py) takes ~23 CPU minutes: it runs only as the slow test
+at the end (`python -m pytest -m slow tests/test_learn.py`); the others check the cheap things it
+relies on.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from algos.config import load_config
 from algos.sft_config import load_sft_config
 
 
-def test_tiny_learn_configs_validate_and_target_the_glyph_category():
+def test_tiny_learn_configs_validate_and_leave_the_tool_decision_to_rl():
     grpo = load_config(["+exp=tiny_learn", "model.path=/models/sft"])
     sft = load_sft_config(["+exp=tiny_learn_sft"])
-    assert grpo.env.tasks == grpo.env.val_tasks == sft.data.oracle.tasks == "glyph_orientation"
+    assert grpo.env.tasks == grpo.env.val_tasks == sft.data.oracle.tasks == "corner_orientation"
+    # The teacher fixes only some of the items that need it: RL, not SFT, must teach the fix.
+    assert 0 < sft.data.oracle.tool_rate < 1
     # Both stages and bench/learn_curve.py's evaluations show the same compact prompt.
     assert grpo.env.prompt == sft.data.prompt == "compact"
     # The test split stays held out: training and validation never draw from it.
@@ -70,3 +73,24 @@ def test_the_learning_model_can_tell_where_an_image_token_is():
     assert small.FAMILY == "qwen3_vl" and rows > 0.3 and columns > 0.1
     rows, columns = _grid_step_angles(load_model(str(small.small_model_dir("qwen2_5_vl")), dtype="float32"))
     assert rows < 0.05 and columns < 0.001
+
+
+@pytest.mark.slow  # the whole recipe: ~17 min on 2 free cores (`python -m pytest -m slow tests/test_learn.py`)
+@pytest.mark.timeout(3600)
+def test_grpo_clearly_beats_the_sft_model_it_starts_from(tmp_path):
+    """Issue 9's goal, end to end: teacher demonstrations -> SFT -> GRPO -> held-out evaluation.
+
+    A sign error, a mask off by one, log-probs of the wrong tokens or rewards at the wrong turn
+    would each keep GRPO from turning the SFT policy's habit of skipping the tool into fixing first.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "learn_curve.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "learn"), "--sampled-k", "0"], check=True)
+    table = json.loads((tmp_path / "learn" / "summary.json").read_text())["table"]
+    sft, grpo = table["after SFT"], table["after GRPO"]
+    assert grpo["success"] >= sft["success"] + 0.1 and grpo["success"] >= 0.75  # chance is 0.25
+    assert grpo["tool_calls"] >= sft["tool_calls"] + 0.3  # it learnt to fix the image first
+    assert (tmp_path / "learn" / "learn_curve.png").stat().st_size > 10_000
