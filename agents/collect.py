@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out, args.max_turns, args.max_pixels,
                      args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all, args.prompt,
                      args.tool_rate)
-    print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the ideal reward "
-          f"skipped) in {result['seconds']:.1f} s")
+    print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the reward of the "
+          f"oracle's plan skipped) in {result['seconds']:.1f} s")
     return 0
 
 
