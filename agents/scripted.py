@@ -147,9 +147,7 @@ def ideal_reward(task: Task, reward: RewardConfig | None = None, tools: bool = T
     """
     cfg = reward or RewardConfig()
     required = task.required_ops
-    used = set(required) | ({"enhance"} if task.extra.get("corruption") else set())
-    if not tools:
-        used = set()
+    used = (set(required) | ({"enhance"} if task.extra.get("corruption") else set())) if tools else set()
     calls = 1 if used else 0
     turns = [tool_call_turn("result = image")] * calls + [answer_turn(task.answer)]
     outcome = EpisodeOutcome(

@@ -210,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting not given on the command line is the recipe's (+exp=tiny_learn_sft, +exp=tiny_learn).
     grpo_cfg = load_config(["+exp=tiny_learn", f"model.path={model}"])
     sft_cfg = load_sft_config(["+exp=tiny_learn_sft"])
-    args.tasks = args.tasks or sft_cfg.data.oracle.tasks
-    args.demos = args.demos or sft_cfg.data.oracle.num_tasks
-    args.tool_rate = sft_cfg.data.oracle.tool_rate if args.tool_rate is None else args.tool_rate
-    args.sft_steps = args.sft_steps or sft_cfg.trainer.total_steps
-    args.grpo_steps = args.grpo_steps or grpo_cfg.trainer.total_steps
-    args.grpo_val_every = args.grpo_val_every or grpo_cfg.trainer.val_every
+    recipe = {"tasks": sft_cfg.data.oracle.tasks, "demos": sft_cfg.data.oracle.num_tasks,
+              "tool_rate": sft_cfg.data.oracle.tool_rate, "sft_steps": sft_cfg.trainer.total_steps,
+              "grpo_steps": grpo_cfg.trainer.total_steps, "grpo_val_every": grpo_cfg.trainer.val_every}
+    for name, value in recipe.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     temperature = grpo_cfg.rollout.temperature
     times: dict[str, float] = {}
     table: dict[str, dict] = {}

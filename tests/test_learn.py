@@ -1,6 +1,6 @@
 """The learning-proof recipe (issue 9): its configs validate and its small model fits the demos.
 
-The experiment itself (bench/learn_curve.py) takes ~23 CPU minutes: it runs only as the slow test
+The experiment itself (bench/learn_curve.py) takes ~21-24 CPU minutes: it runs only as the slow test
 at the end (`python -m pytest -m slow tests/test_learn.py`); the others check the cheap things it
 relies on.
 """
@@ -75,7 +75,7 @@ def test_the_learning_model_can_tell_where_an_image_token_is():
     assert rows < 0.05 and columns < 0.001
 
 
-@pytest.mark.slow  # the whole recipe: ~17 min on 2 free cores (`python -m pytest -m slow tests/test_learn.py`)
+@pytest.mark.slow  # the whole recipe: ~21 min on 2 free cores (`python -m pytest -m slow tests/test_learn.py`)
 @pytest.mark.timeout(3600)
 def test_grpo_clearly_beats_the_sft_model_it_starts_from(tmp_path):
     """Issue 9's goal, end to end: teacher demonstrations -> SFT -> GRPO -> held-out evaluation.
