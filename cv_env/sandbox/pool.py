@@ -239,6 +239,8 @@ class Sandbox:
         except BaseException:
             self._finalizer()
             raise
+        if self.isolate:
+            _warn_if_incomplete(self.layers)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -590,6 +592,21 @@ class Sandbox:
                 result.ops, result.frame, result.source_index = verified.ops, verified.frame, reply.source_index
         result.elapsed_s = time.perf_counter() - start
         return result, reply.retire
+
+
+_OS_PIECES = (("empty root (bubblewrap)", "empty_root"), ("PID namespace per worker", "pid_namespace"),
+              ("seccomp allow-list (libseccomp)", "seccomp"), ("uid or capability drop", "identity"))
+_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_if_incomplete(layers: dict) -> None:
+    """Say once per process which pieces of the OS layer this machine did not allow."""
+    missing = tuple(what for what, key in _OS_PIECES if not layers.get(key))
+    if missing and missing not in _warned:
+        _warned.add(missing)
+        warnings.warn("sandbox: this machine does not allow every piece of the OS layer; missing: "
+                      + ", ".join(missing) + " (see Sandbox.layers and the README's sandbox section)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _descendants(root: int) -> dict[int, list[int]]:
