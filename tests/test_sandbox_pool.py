@@ -250,3 +250,18 @@ def test_close_while_threads_wait_for_a_worker(image):
     waiting.join(10)
     assert not slow.is_alive() and not waiting.is_alive()
     assert len(outcomes) == 2
+
+
+def test_unicode_identifiers_compile(sandbox, image):
+    """Non-ASCII names need `unicodedata`, which a locked-down worker cannot import lazily."""
+    r = sandbox.run("résultat = image.crop((0, 0, 10, 10))\nnombre_de_píxeles = 100\nresult = résultat", [image])
+    assert r.ok, r.error
+    assert r.image.size == (10, 10)
+
+
+def test_printed_text_is_always_utf8(sandbox, image):
+    r = sandbox.run("print('a\\udcff b \\ud800')\nraise ValueError('\\udfff')", [image])
+    assert not r.ok
+    r.stdout.encode("utf-8")
+    r.error.encode("utf-8")
+    assert r.stdout == "a\ufffd b \ufffd\n" and "\ufffd" in r.error

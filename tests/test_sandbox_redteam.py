@@ -6,7 +6,6 @@ success) and then that the same pool still runs a normal snippet correctly.
 
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 from PIL import Image
 
 from cv_env.sandbox import Sandbox
-from cv_env.sandbox import isolation
 
 CANARY = "/tmp/cv_sandbox_redteam_canary"
 
@@ -79,6 +77,31 @@ ESCAPES = {
     "ImageDraw core draw": "d = ImageDraw.Draw(image)\nx = d.draw",
     "font core": "from PIL import ImageFont\nx = ImageFont.load_default().font",
     "font_variant opens a path": "from PIL import ImageFont\nf = ImageFont.load_default().font_variant(font='/etc/passwd')",
+    # numpy objects other than arrays that hand out raw memory (issue 16)
+    "bit generator ctypes": "x = np.random.PCG64().ctypes",
+    "bit generator cffi": "x = np.random.default_rng().bit_generator.cffi",
+    "bit generator capsule": "x = np.random.MT19937().capsule",
+    "global bit generator": "x = np.random.get_bit_generator()",
+    "bit generator lock": "np.random.default_rng().bit_generator.lock.acquire()",
+    "array data memoryview": "m = np.zeros(4).data",
+    # arrays of Python objects over attacker-chosen bytes turn any address into an object
+    "object array over a buffer": "a = np.ndarray((1,), dtype=object, buffer=np.zeros(8, np.uint8))",
+    "object array over a buffer, positional": "a = np.ndarray((1,), object, np.zeros(8, np.uint8))",
+    "structured object array over a buffer": "a = np.ndarray((1,), dtype=[('a', 'O')], buffer=np.zeros(8, np.uint8))",
+    "recarray over a buffer": "a = np.recarray((1,), dtype=[('a', 'O')], buf=np.zeros(8, np.uint8))",
+    "numeric array over a buffer": "a = np.ndarray((1,), np.int64, np.zeros(8, np.uint8))",
+    "numeric array over an object array": "o = np.frompyfunc(lambda v: v, 1, 1)(np.arange(2))\na = np.frombuffer(o, np.int64)",
+    "object array's raw memory": "o = np.frompyfunc(lambda v: v, 1, 1)(np.arange(2))\nm = o.data",
+    "void over bytes": "v = np.void(b'\\0' * 8, dtype=[('a', 'O')])",
+    "object array from a list": "a = np.array([None, 1])",
+    "object astype": "a = np.zeros(2).astype(object)",
+    "subclass of ndarray": "class A(np.ndarray):\n    pass",
+    "subclass of recarray": "class A(np.recarray):\n    pass",
+    # return values and other attribute walks
+    "module returned by a call": "d, handler = ImageDraw.getdraw(image)",
+    "UserString.format": "import collections\nprint(collections.UserString('{0.__class__}').format(1))",
+    "UserString.format_map": "import collections\nprint(collections.UserString('{x.__class__}').format_map({'x': 1}))",
+    "addresses of objects": "print(id(image))",
 }
 
 FILES = {
@@ -228,41 +251,15 @@ def test_worker_killed_while_idle_is_replaced_transparently(sandbox, image):
     assert_pool_healthy(sandbox, image)
 
 
-def _in_locked_child(check) -> int:
-    """Fork, apply the worker OS layers only (no restricted compile), run `check`, return its code."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            isolation.worker_isolation(memory_mb=256, nofile=3)
-            os._exit(check())
-        except BaseException:
-            os._exit(99)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
-def _cannot(action) -> int:
-    try:
-        action()
-    except OSError:
-        return 0
-    return 1
-
-
-def test_os_layer_holds_without_the_restricted_layer():
-    """Python that bypassed every guard still cannot write files, fork or open sockets."""
-    assert _in_locked_child(lambda: _cannot(lambda: open(CANARY, "w").write("x"))) == 0
-    assert _in_locked_child(lambda: _cannot(lambda: os._exit(0) if os.fork() == 0 else None)) == 0
-    assert _in_locked_child(lambda: _cannot(lambda: socket.socket())) == 0
-    assert not os.path.exists(CANARY)
-
-
-def test_layers_are_reported(sandbox):
-    layers = sandbox.layers
-    assert layers["restricted_compile"] and layers["wall_clock_kill"]
-    assert "RLIMIT_AS" in layers["rlimits"] and "RLIMIT_NOFILE" in layers["rlimits"]
-    if os.geteuid() == 0:
-        assert layers["uid_drop"] is True
-        assert layers["net_namespace"] is True
+def test_library_code_that_looks_alike_still_works(sandbox, image):
+    """The refusals above are narrow: ordinary uses of the same objects keep working."""
+    code = ("rng = np.random.default_rng(0)\nx = rng.integers(0, 9, 3)\na = np.ndarray((2, 2), np.uint8)\n"
+            "b = np.frombuffer(np.asarray(image).tobytes(), np.uint8)\nprint(isinstance(b, np.ndarray), b.shape, "
+            "image.format, '%d-%s' % (1, 'a'), f'{x.shape}')\n"
+            "s = sum(v for v in [1, 2, 3])\nfor row in np.zeros((2, 2)):\n    s += row.sum()\nprint(s)")
+    r = sandbox.run(code, [image])
+    assert r.ok, r.error
+    assert r.stdout == "True (9216,) None 1-a (3,)\n6.0\n"
 
 
 @pytest.mark.slow

@@ -5,11 +5,14 @@
         r = sandbox.run(code, images, image_index=0)
         r.ok, r.image, r.stdout, r.error, r.ops, r.frame, r.source_index, r.elapsed_s
 
-Two layers, each insufficient alone: RestrictedPython compilation with guarded attribute
-access and module proxies (`restricted.py`, `proxies.py`), and pre-started worker processes
-with namespaces, uid drop, rlimits, seccomp and a wall-clock kill (`isolation.py`,
-`worker.py`, `pool.py`). Ops are detected from execution and checked against pixels
-(`ops.py`, `op_rules.py`). `Sandbox.layers` says which OS layers this machine allowed.
+Two layers, each sufficient for what it promises without the other, and a host that believes
+neither: the Python layer (`restricted.py`, `proxies.py`: restricted compilation, guarded
+attributes, items, iteration and call results, module proxies); the OS layer (`isolation.py`,
+`syscalls.py`, `worker.py`: an empty root under bubblewrap, a PID/IPC/network/mount namespace
+per worker, uid or capability drop, rlimits, a seccomp allow-list, a wall-clock kill); and the
+host (`pool.py`, `wire.py`, `reply.py`, `verify.py`: bounded replies read before one deadline,
+every claimed rotation, flip and crop checked against the pixels). Ops are detected from
+execution (`ops.py`, `op_rules.py`). `Sandbox.layers` says which pieces this machine allowed.
 """
 
 from cv_env.sandbox.pool import Sandbox, SandboxResult

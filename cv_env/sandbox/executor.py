@@ -60,19 +60,38 @@ def _check_size(w: int, h: int, max_pixels: int, max_aspect: float) -> None:
         raise ResultError(f"result is {w}x{h} pixels; its aspect ratio must be at most {max_aspect:g}:1")
 
 
+# The names every snippet starts with, besides its images.
+_SHORT_NAMES = {"Image": "PIL.Image", "ImageOps": "PIL.ImageOps", "ImageEnhance": "PIL.ImageEnhance",
+                "ImageFilter": "PIL.ImageFilter", "ImageDraw": "PIL.ImageDraw", "np": "numpy", "cv2": "cv2",
+                "math": "math"}
+
+
+def _plain_builtins(printer: PrintCollector) -> dict:
+    """Every builtin, with `print` collected (for `restricted=False`, the OS-layer test mode)."""
+    import builtins
+
+    def collected_print(*objects, sep=" ", end="\n", file=None, flush=False):
+        if file is not None:
+            return builtins.print(*objects, sep=sep, end=end, file=file, flush=flush)
+        printer.write(str(sep).join(str(o) for o in objects) + str(end))
+
+    return {**vars(builtins), "print": collected_print}
+
+
 def execute_snippet(modules: dict, code: str, images: list[Image.Image], image_index: int, *,
                     stdout_limit: int, output=None, output_offset: int = 0,
                     max_output_pixels: int = 4096 * 4096, max_aspect: float = 200.0,
-                    memory_mb: int = 0) -> dict:
+                    memory_mb: int = 0, restricted: bool = True) -> dict:
     """Execute `code` and describe the outcome as plain data (the worker's response).
 
     The output pixels are written to `output[output_offset:]` (shared memory) when given.
+    `restricted=False` runs the code as plain Python (the OS layer is then all that holds).
     """
     printer = PrintCollector(stdout_limit)
     response: dict[str, Any] = {"ok": False, "error": None, "stdout": "", "ops": [], "image": None,
                                 "frame": None, "source_index": None}
     try:
-        compiled = compile_snippet(code)
+        compiled = compile_snippet(code) if restricted else compile(code, SNIPPET_FILENAME, "exec")
     except SyntaxError as exc:
         response["error"] = f"SyntaxError: {exc}"[:2000]
         return response
@@ -80,15 +99,16 @@ def execute_snippet(modules: dict, code: str, images: list[Image.Image], image_i
         response["error"] = f"the code could not be compiled ({type(exc).__name__}): it is too deeply nested or too large"
         return response
     tracker = Tracker(images)
-    proxies = build_proxies(modules, tracker.wrap)
-    guards = Guards(proxies, tracker, (Image.Image,), np.ndarray)
     selected = images[image_index]
-    names = {"image": selected, "img": selected, "images": list(images),
-             "Image": proxies["PIL.Image"], "ImageOps": proxies["PIL.ImageOps"],
-             "ImageEnhance": proxies["PIL.ImageEnhance"], "ImageFilter": proxies["PIL.ImageFilter"],
-             "ImageDraw": proxies["PIL.ImageDraw"], "np": proxies["numpy"], "cv2": proxies["cv2"],
-             "math": proxies["math"]}
-    namespace = guards.namespace(printer, names)
+    names = {"image": selected, "img": selected, "images": list(images)}
+    if restricted:
+        proxies = build_proxies(modules, tracker.wrap)
+        guards = Guards(proxies, tracker, (Image.Image,), np.ndarray)
+        names.update({short: proxies[name] for short, name in _SHORT_NAMES.items()})
+        namespace = guards.namespace(printer, names)
+    else:  # the OS layer alone: plain Python, real modules, every builtin (op detection by pixels only)
+        names.update({short: modules[name] for short, name in _SHORT_NAMES.items()})
+        namespace = {"__builtins__": _plain_builtins(printer), "__name__": "snippet", **names}
     try:
         exec(compiled, namespace)  # noqa: S102 - restricted code, in a locked-down worker
         result = namespace.get("result")

@@ -27,11 +27,13 @@ ALLOWED_MODULES: tuple[str, ...] = (
 )
 
 # Names refused on a module although they are public: file/network I/O, raw memory, state.
+# (`void`/`record` build structured scalars over raw bytes; the bit generator accessors hand out
+# numpy's global generator, its lock and its raw-memory interfaces.)
 _NUMPY_DENY = frozenset("""
 load save savez savez_compressed loadtxt savetxt genfromtxt fromfile fromregex memmap DataSource
 ctypeslib lib testing f2py distutils show_config show_runtime get_include info source who
 setbufsize seterrcall geterrcall typing core char rec ma matlib polynomial strings dtypes
-exceptions version os sys
+exceptions version os sys void record get_bit_generator set_bit_generator bit_generator
 """.split())
 _PIL_IMAGE_DENY = frozenset("""
 open core register_open register_mime register_save register_save_all register_extension
@@ -73,7 +75,7 @@ def _cv2_allows(name: str, value: object) -> bool:
 
 
 def _policy(module_name: str) -> Callable[[str, object], bool]:
-    if module_name == "numpy":
+    if module_name in ("numpy", "numpy.random"):
         return lambda n, v: n not in _NUMPY_DENY
     if module_name == "PIL.Image":
         return lambda n, v: n not in _PIL_IMAGE_DENY
@@ -130,12 +132,17 @@ class ModuleProxy:
                 f"{self._name}.{name} is not available in the sandbox (no files, processes or "
                 f"raw memory); use the image-processing API instead"
             )
-        value = guard_value(value, self._proxies, f"{self._name}.{name}")
+        where = f"{self._name}.{name}"
+        value = guard_value(value, self._proxies, where)
         if isinstance(value, _MUTABLE):
             return value.copy()  # a copy each time: the snippet cannot poison module state
-        if self._tracked and callable(value) and not isinstance(value, (type, ModuleProxy, _UFUNC)):
+        if any(value is t for t in _BUFFER_TYPES):
+            value = ArrayTypeProxy(value, self._proxies)
+        elif callable(value) and not isinstance(value, (type, ModuleProxy, _UFUNC)):
             # Ufuncs stay unwrapped: they are elementwise and carry methods (np.add.reduce).
-            value = self._wrap(f"{self._name}.{name}", value)
+            if self._tracked:
+                value = self._wrap(where, value)
+            value = guard_calls(value, self._proxies, where)
         cache[name] = value
         return value
 
@@ -157,6 +164,8 @@ _FORBIDDEN_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 # Pillow's C objects (`draw.im`, `draw.draw`, `font.font`) expose unchecked low-level methods.
 _PIL_CORE_TYPES = frozenset({"ImagingCore", "ImagingDraw", "ImagingFont", "Font", "ImagingDecoder",
                              "ImagingEncoder"})
+# Values that need no check (the fast path of `guard_value`).
+_PLAIN = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def is_pil_core(value: object) -> bool:
@@ -165,7 +174,13 @@ def is_pil_core(value: object) -> bool:
 
 
 def guard_value(value: object, proxies: dict[str, ModuleProxy], where: str) -> object:
-    """Check what an attribute access returns: modules become proxies or are refused."""
+    """Check a value a snippet is about to hold (an attribute, a call's result, an item, an
+    iterated element): modules become proxies or are refused, interpreter internals, Pillow's
+    C objects and arrays of Python objects are refused. Tuples, lists and dict values are
+    checked one level deep (a library function that returns a module in a tuple is caught)."""
+    cls = type(value)
+    if cls in _PLAIN:
+        return value
     if isinstance(value, types.ModuleType):
         proxy = proxies.get(value.__name__)
         if proxy is None:
@@ -175,7 +190,79 @@ def guard_value(value: object, proxies: dict[str, ModuleProxy], where: str) -> o
         raise SandboxViolation(f"{where} is an interpreter internal; the sandbox does not offer it")
     if is_pil_core(value):
         raise SandboxViolation(f"{where} is a Pillow internal; use the public Image API instead")
+    if isinstance(value, np.ndarray) and value.dtype.hasobject:
+        raise SandboxViolation(f"{where} is an array of Python objects, which the sandbox does not offer; "
+                               "use numeric arrays")
+    if cls in (tuple, list) and value and not set(map(type, value)) <= _PLAIN:
+        checked = [guard_value(v, proxies, where) for v in value]
+        if any(c is not v for c, v in zip(checked, value)):
+            value = cls(checked)
+    elif cls is dict and value and not set(map(type, value.values())) <= _PLAIN:
+        for v in value.values():
+            if guard_value(v, proxies, where) is not v:
+                raise SandboxViolation(f"{where} holds a module, which the sandbox does not offer")
     return value
+
+
+def guard_calls(fn: Callable, proxies: dict[str, ModuleProxy], where: str) -> Callable:
+    """`fn`, with every argument and result checked: no array of Python objects goes in (it
+    could be read as raw memory) and what comes out passes `guard_value`."""
+
+    def guarded(*args, **kwargs):
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, np.ndarray) and arg.dtype.hasobject:
+                raise SandboxViolation(f"{where}: arrays of Python objects are not available in the sandbox")
+        return guard_value(fn(*args, **kwargs), proxies, where)
+
+    guarded.__name__ = getattr(fn, "__name__", where.rsplit(".", 1)[-1])
+    guarded.__doc__ = getattr(fn, "__doc__", None)
+    return guarded
+
+
+class ArrayTypeProxy:
+    """`np.ndarray` / `np.recarray` for snippets: `isinstance` works and arrays can be made,
+    but never over a raw buffer, with Python-object elements, or by subclassing."""
+
+    __slots__ = ("_type", "_proxies")
+
+    def __init__(self, array_type: type, proxies: dict[str, ModuleProxy]):
+        object.__setattr__(self, "_type", array_type)
+        object.__setattr__(self, "_proxies", proxies)
+
+    def __call__(self, *args, **kwargs):
+        name = self._type.__name__
+        if len(args) > 2 or {"buffer", "buf", "offset", "strides"} & set(kwargs):
+            raise SandboxViolation(f"np.{name} over a buffer is not available in the sandbox; use np.zeros, "
+                                   f"np.array or np.frombuffer")
+        dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        if dtype is not None and np.dtype(dtype).hasobject:
+            raise SandboxViolation(f"np.{name} of Python objects is not available in the sandbox")
+        return guard_value(self._type(*args, **kwargs), self._proxies, f"np.{name}")
+
+    def __instancecheck__(self, obj) -> bool:
+        return isinstance(obj, self._type)
+
+    def __subclasscheck__(self, cls) -> bool:
+        return issubclass(cls, self._type)
+
+    def __mro_entries__(self, bases):
+        raise SandboxViolation(f"a subclass of np.{self._type.__name__} is not available in the sandbox; "
+                               "use plain arrays")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise SandboxViolation(f"np.{self._type.__name__}.{name} is not available in the sandbox")
+        return guard_value(getattr(self._type, name), self._proxies, f"np.{self._type.__name__}.{name}")
+
+    def __setattr__(self, name, value):
+        raise SandboxViolation(f"cannot change np.{self._type.__name__}: modules are read-only in the sandbox")
+
+    def __repr__(self) -> str:
+        return f"<class 'numpy.{self._type.__name__}'>"
+
+
+# numpy's array types whose constructors take a raw buffer.
+_BUFFER_TYPES = (np.ndarray, np.recarray)
 
 
 def build_proxies(modules: dict[str, types.ModuleType], wrap: Callable) -> dict[str, ModuleProxy]:

@@ -17,22 +17,28 @@ from typing import Any
 from RestrictedPython import compile_restricted_exec
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence, safe_builtins
 
-from cv_env.sandbox.proxies import ALLOWED_MODULES, ModuleProxy, SandboxViolation, guard_value
+from cv_env.sandbox.proxies import ALLOWED_MODULES, ModuleProxy, SandboxViolation, guard_calls, guard_value
 
 SNIPPET_FILENAME = "<code>"
 
-# Attribute names refused on every object: interpreter internals reachable without an underscore.
+# Attribute names refused on every object: interpreter internals reachable without an
+# underscore, and raw-memory handles (numpy arrays and bit generators: `ctypes`, `cffi`,
+# `capsule`; bit generators' `lock`, which a snippet could keep to hang the next one).
 _BLOCKED_ATTRS = frozenset("""
 gi_frame gi_code gi_yieldfrom gi_running gi_suspended cr_frame cr_code cr_await cr_origin
 ag_frame ag_code ag_await f_back f_globals f_locals f_builtins f_code f_trace tb_frame tb_next
-co_code co_consts co_names mro func_globals
+co_code co_consts co_names mro func_globals ctypes cffi capsule lock
 """.split())
 # Per-type refusals: writing files, opening viewers, raw handles to C internals.
 _IMAGE_BLOCKED = frozenset({"save", "show", "im", "fp", "getim", "tobitmap"})
 _PIL_OBJECT_BLOCKED = frozenset({"im", "ptr", "font_variant", "save", "fp"})  # fonts, drawers, ...
-_ARRAY_BLOCKED = frozenset({"tofile", "dump", "dumps", "ctypes"})
+_ARRAY_BLOCKED = frozenset({"tofile", "dump", "dumps", "data"})  # `data`: a memoryview of raw memory
 _CV2_OBJECT_BLOCKED = frozenset({"save", "write", "read", "load", "open", "release"})
-_STR_BLOCKED = frozenset({"format", "format_map"})  # "{0.__class__}".format(x) walks objects
+# Methods that walk attributes from a template ("{0.__class__}".format(x)), on any object:
+# str, collections.UserString, and whatever else carries such a method.
+_FORMAT_METHODS = frozenset({"format", "format_map"})
+# Iterating these yields nothing that needs a check.
+_PLAIN_ITERABLES = (range, str, bytes, bytearray)
 
 
 class PrintCollector:
@@ -134,7 +140,7 @@ class Guards:
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name, *default)
         cls = obj if isinstance(obj, type) else type(obj)
-        if name in _STR_BLOCKED and issubclass(cls, str):
+        if name in _FORMAT_METHODS and issubclass(cls, str):
             raise SandboxViolation("str.format is not available in the sandbox; use f-strings or %")
         if name in _IMAGE_BLOCKED and issubclass(cls, self.image_types):
             raise SandboxViolation(
@@ -153,10 +159,15 @@ class Guards:
             if default:
                 return default[0]
             raise
+        if name in _FORMAT_METHODS and callable(value):
+            raise SandboxViolation(f"{cls.__name__}.{name} is not available in the sandbox; use f-strings or %")
         value = guard_value(value, self.proxies, name)
         if isinstance(obj, type) and cls not in self.snippet_classes and isinstance(value, (list, dict, set)):
             return value.copy()  # class-level containers of library classes stay unpoisoned
-        return self.tracker.on_attribute(obj, name, value)
+        value = self.tracker.on_attribute(obj, name, value)
+        if callable(value) and not isinstance(value, (type, ModuleProxy)) and type(obj) not in self.snippet_classes:
+            value = guard_calls(value, self.proxies, f"{cls.__name__}.{name}")  # what a method returns is checked too
+        return value
 
     def hasattr(self, obj: Any, name: str) -> bool:
         try:
@@ -168,8 +179,20 @@ class Guards:
     def getitem(self, obj: Any, key: Any):
         if isinstance(obj, ModuleProxy):
             raise SandboxViolation("modules cannot be indexed")
-        value = obj[key]
+        value = guard_value(obj[key], self.proxies, "an item")
         return self.tracker.on_getitem(obj, key, value)
+
+    def iter(self, obj: Any):
+        """`for x in obj`: each element is checked like any other value a snippet receives."""
+        if isinstance(obj, _PLAIN_ITERABLES):
+            return iter(obj)
+        if isinstance(obj, self.array_type):
+            guard_value(obj, self.proxies, "an iterated array")
+            return iter(obj)
+        return map(self._guard_element, iter(obj))
+
+    def _guard_element(self, value: Any) -> Any:
+        return guard_value(value, self.proxies, "an iterated value")
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -224,7 +247,7 @@ class Guards:
 
     def namespace(self, printer: PrintCollector, names: dict[str, Any]) -> dict[str, Any]:
         safe = dict(safe_builtins)
-        for name in ("setattr", "delattr", "_getattr_", "compile", "open", "exec", "eval"):
+        for name in ("setattr", "delattr", "_getattr_", "compile", "open", "exec", "eval", "id"):
             safe.pop(name, None)
         safe.update({
             "__build_class__": self.build_class, "__import__": self.import_,
@@ -238,7 +261,7 @@ class Guards:
         glb: dict[str, Any] = {
             "__builtins__": safe, "__name__": "snippet", "__metaclass__": type,
             "_getattr_": self.getattr, "_getitem_": self.getitem, "_write_": self.write,
-            "_inplacevar_": self.inplacevar, "_getiter_": iter,
+            "_inplacevar_": self.inplacevar, "_getiter_": self.iter,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
             "_apply_": lambda f, *a, **k: f(*a, **k), "_print_": _PrintFactory(printer),

@@ -1,12 +1,17 @@
 """The code that runs inside sandbox processes: the zygote, and the workers it forks.
 
 The zygote is started once per `Sandbox` as a fresh, small Python process (never a fork of the
-trainer): it imports the allowed modules, warms them up, enters its namespaces and then forks
-a worker whenever the host asks, handing it a socket and the shared-memory file the host
-passed over SCM_RIGHTS. A worker locks itself down (`isolation.worker_isolation`) and serves
-snippets: input pixels come from shared memory, the output's pixels go back into it, and only
-small JSON headers cross the socket. Nothing is pickled. A worker retires (and is replaced)
-after `max_calls`, or as soon as a snippet changed module state it should not have.
+trainer), under bubblewrap where available (`isolation.py`): it imports the allowed modules,
+warms them up (so no worker ever needs to open a file) and then, whenever the host asks,
+forks a worker alone in its own namespaces, handing it a socket and the shared-memory file the
+host passed over SCM_RIGHTS. A worker locks itself down and serves snippets: input pixels come
+from shared memory, the output's pixels go back into it, and only small JSON messages
+(`wire.py`) cross the socket. Nothing is pickled.
+
+Per call a worker first acknowledges the request (the host retries, on a fresh worker, a call
+that never got this far), then runs the snippet, and checks itself *before* replying: a snippet
+that changed library state or left a global lock held is paid for in its own call (the reply
+says `retire` and the host replaces the worker), never in the next, innocent one.
 """
 
 from __future__ import annotations
@@ -17,52 +22,18 @@ import os
 import random
 import signal
 import socket
-import struct
 import sys
 import time
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-_HEADER = struct.Struct("!I")
-MAX_MESSAGE = 8 * 1024 * 1024
-
-
-def send_msg(sock: socket.socket, obj: Any) -> None:
-    data = json.dumps(obj).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> Any:
-    """One length-prefixed JSON message, or None at end of stream. Oversized is an error."""
-    head = recv_exact(sock, _HEADER.size)
-    if head is None:
-        return None
-    (n,) = _HEADER.unpack(head)
-    if n > limit:
-        raise ValueError(f"message of {n} bytes exceeds the {limit}-byte limit")
-    body = recv_exact(sock, n)
-    if body is None:
-        return None
-    return json.loads(body)
-
-
-# -- zygote --------------------------------------------------------------------------------------
+from cv_env.sandbox.wire import recv_msg, send_msg
 
 
 def _warm_up(modules: dict) -> None:
-    """Run representative snippets once so lazy initialisation happens before forking."""
+    """Run representative snippets once so lazy initialisation happens before forking:
+    a locked-down worker cannot open a file, so nothing may be imported or read lazily later."""
     from cv_env.sandbox.executor import execute_snippet
 
     image = Image.new("RGB", (64, 48), (10, 20, 30))
@@ -70,41 +41,53 @@ def _warm_up(modules: dict) -> None:
         "import numpy as np\nfrom PIL import Image, ImageOps, ImageEnhance, ImageFilter\nimport cv2\n"
         "a = np.array(image)[4:40, 2:50]\nb = cv2.GaussianBlur(cv2.rotate(a, cv2.ROTATE_180), (3, 3), 0)\n"
         "c = ImageEnhance.Contrast(Image.fromarray(b)).enhance(1.3).filter(ImageFilter.SHARPEN)\n"
-        "result = ImageOps.grayscale(c.rotate(90, expand=True).crop((1, 1, 20, 20)))\nprint(result.size)\n"
+        "résultat = ImageOps.grayscale(c.rotate(90, expand=True).crop((1, 1, 20, 20)))\n"  # unicodedata
+        "result = résultat\nprint(result.size, 'é'.encode('latin-1'), 'x'.encode('utf-16'))\n"
     )
-    execute_snippet(modules, code, [image], 0, stdout_limit=100)
-    # Lazy imports inside libraries must happen here: a worker cannot open files.
+    for restricted in (True, False):
+        execute_snippet(modules, code, [image], 0, stdout_limit=100, restricted=restricted)
     from cv_env.sandbox.op_rules import classify_pixel_change
     from PIL import ImageDraw, ImageFont
 
     a = np.asarray(image)
     classify_pixel_change(a, 255 - a)
     ImageDraw.Draw(image.copy()).text((1, 1), "x", font=ImageFont.load_default())
-    for name in ("numpy.ma", "numpy.polynomial", "numpy.lib.recfunctions", "PIL.ImageMath"):
+    image.getexif()
+    image.convert("P").quantize(4)
+    for name in ("numpy.ma", "numpy.polynomial", "numpy.lib.recfunctions", "PIL.ImageMath", "PIL.ImageDraw2",
+                 "unicodedata",
+                 "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
+                 "encodings.cp1252", "encodings.unicode_escape", "encodings.raw_unicode_escape"):
         __import__(name)
 
 
 def zygote_main() -> None:
-    """Entry point of the zygote process (`python -c` from the host, control socket on fd 3)."""
+    """Entry point of the zygote process (`python -c` from the host, control socket on fd argv[1])."""
     from cv_env.sandbox import isolation
     from cv_env.sandbox.proxies import import_allowed_modules
 
-    # Not PR_SET_PDEATHSIG: it fires when the host *thread* that started us ends. The zygote
-    # instead notices the host's end of the control socket closing, or being re-parented.
+    # Not PR_SET_PDEATHSIG alone: it fires when the host *thread* that started us ends. The
+    # zygote also notices the host's end of the control socket closing, or being re-parented
+    # (under bubblewrap the host is outside our PID namespace: parent 0, and bubblewrap's
+    # --die-with-parent does the rest).
     host_pid = os.getppid()
+    isolation.die_with_parent()  # the parent (bubblewrap, or the host's launcher thread) lives as long as the host
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl = socket.socket(fileno=int(sys.argv[1]))
-    config = json.loads(sys.argv[2])
     import cv2
 
     cv2.setNumThreads(1)  # a worker may not start threads; cv2's pool must stay empty
+    cv2.ocl.setUseOpenCL(False)  # OpenCL would look for devices and files at first use
     modules = import_allowed_modules()
-    isolation.preload_seccomp()
+    try:
+        import pyseccomp  # noqa: F401  (loads libseccomp while files can still be opened)
+    except Exception:
+        pass  # no seccomp layer on this machine: `Sandbox.layers` will say so
     _warm_up(modules)
-    layers = isolation.zygote_isolation() if config.get("isolate", True) else {}
+    isolation.become_subreaper()
     devnull = os.open(os.devnull, os.O_RDWR)
-    children: set[int] = set()
-    ctl.sendall(json.dumps({"ready": True, "layers": layers}).encode())
+    keepers: dict[int, int] = {}  # worker pid -> its keeper's pid (a child of ours until reaped)
+    ctl.sendall(b'{"ready": true}')
     for fd in (1, 2):  # nobody reads the start-up pipe any more
         os.dup2(devnull, fd)
     ctl.settimeout(1.0)
@@ -112,58 +95,58 @@ def zygote_main() -> None:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
         except socket.timeout:
-            _reap(children)
-            if os.getppid() != host_pid:
+            _reap(keepers)
+            if host_pid > 1 and os.getppid() != host_pid:
                 break  # the host died (a child of its may still hold the socket open)
             continue
         except (ConnectionError, OSError):
             msg, fds = b"", []
-        _reap(children)
+        _reap(keepers)
         if not msg:
             break  # host closed or died: take every worker with us
         request = json.loads(msg)
         if request["cmd"] == "spawn":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    ctl.close()
-                    _worker_main(fds, devnull, request, modules)
-                finally:
-                    os._exit(0)
+            def worker(namespaces: dict, fds=fds, request=request) -> None:
+                _worker_main(fds, devnull, request, modules, namespaces)
+
+            try:
+                keeper, pid = isolation.spawn_alone(worker, close_in_keeper=[*fds, ctl.fileno()])
+                reply = {"pid": pid}
+                keepers[pid] = keeper
+            except OSError as exc:
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
             for fd in fds:
                 os.close(fd)
-            children.add(pid)
-            ctl.sendall(json.dumps({"pid": pid}).encode())
+            ctl.sendall(json.dumps(reply).encode())
         elif request["cmd"] == "kill":
-            pid = int(request["pid"])
-            if pid in children:  # never signal a pid we already reaped (it may be reused)
-                os.kill(pid, signal.SIGKILL)
+            keeper = keepers.get(int(request["pid"]))
+            if keeper is not None:  # a keeper is never reaped behind our back: its pid is ours
+                os.kill(keeper, signal.SIGKILL)  # the worker follows (parent-death signal)
             ctl.sendall(b'{"killed": true}')
         elif request["cmd"] == "shutdown":
             break
-    for pid in list(children):
+    for keeper in keepers.values():
+        os.kill(keeper, signal.SIGKILL)
+    while True:  # keepers, and workers reparented to us once their keeper died
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in list(children):
-        try:
-            os.waitpid(pid, 0)
+            os.waitpid(-1, 0)
         except ChildProcessError:
-            pass
+            break
     os._exit(0)
 
 
-def _reap(children: set[int]) -> None:
-    while children:
+def _reap(keepers: dict[int, int]) -> None:
+    """Collect exited children (keepers, and orphaned workers) without blocking."""
+    while True:
         try:
             pid, _status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            children.clear()
             return
         if pid == 0:
             return
-        children.discard(pid)
+        for worker_pid, keeper in list(keepers.items()):
+            if keeper == pid:
+                del keepers[worker_pid]
 
 
 # -- worker ----------------------------------------------------------------------------------------
@@ -174,7 +157,16 @@ def _module_fingerprint(modules: dict) -> int:
     return hash(tuple(hash(tuple(map(id, vars(m).values()))) for m in modules.values()))
 
 
-def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict) -> None:
+def _global_locks_free() -> bool:
+    """numpy's global bit generator lock is free (a snippet that kept it would hang the next one)."""
+    lock = np.random.get_bit_generator().lock
+    if not lock.acquire(blocking=False):
+        return False
+    lock.release()
+    return True
+
+
+def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict, namespaces: dict) -> None:
     from cv_env.sandbox import isolation
     from cv_env.sandbox.executor import execute_snippet
 
@@ -182,7 +174,9 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict) -> N
     capacity = int(config["capacity"])
     shared = mmap.mmap(mem_fd, capacity)
     sock = socket.socket(fileno=sock_fd)
-    layers = isolation.worker_isolation(int(config["memory_mb"]), nofile=5) if config.get("isolate", True) else {}
+    restricted = bool(config.get("restricted", True))
+    layers = (isolation.lock_down(int(config["memory_mb"]), nofile=5, namespaces=namespaces, mapped=0)
+              if config.get("isolate", True) else {})
     fingerprint = _module_fingerprint(modules)
     np_err, np_print = np.geterr(), np.get_printoptions()
 
@@ -202,6 +196,7 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict) -> N
         request = recv_msg(sock)
         if request is None:
             return
+        send_msg(sock, {"started": True})
         isolation.set_cpu_budget(float(request["timeout_s"]) + 1.0)
         started = time.perf_counter()
         try:
@@ -212,23 +207,21 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict) -> N
                 output_offset=int(request["output_offset"]),
                 max_output_pixels=int(request["max_output_pixels"]),
                 max_aspect=float(request["max_aspect"]), memory_mb=int(config["memory_mb"]),
+                restricted=restricted,
             )
         except BaseException as exc:  # the worker itself must answer, whatever happened
             response = {"ok": False, "error": f"sandbox worker error: {type(exc).__name__}: {exc}"[:2000],
                         "stdout": "", "ops": []}
         calls += 1
         response["worker_s"] = time.perf_counter() - started
-        response["retire"] = calls >= int(config["max_calls"])
+        # Checked before replying, so the snippet that broke the worker pays for it, not the next.
+        clean = _global_locks_free() and _module_fingerprint(modules) == fingerprint
+        if clean:
+            fresh_state()
+        response["retire"] = not clean or calls >= int(config["max_calls"])
         send_msg(sock, response)
         if response["retire"]:
             return
-        # Off the critical path, before the next request: a worker whose library bindings the
-        # snippet changed says so and exits (the host forks a clean one and resends), and
-        # per-call state is reset.
-        if _module_fingerprint(modules) != fingerprint:
-            send_msg(sock, {"retired": True, "reason": "library state changed"})
-            return
-        fresh_state()
 
 
 def _input_image(shared: mmap.mmap, meta: dict, decoded: dict) -> Image.Image:
