@@ -92,13 +92,13 @@ class _Script:
         return self.turns[self.k - 1]
 
 
-def _play(processor, sandbox, turns_of, **env):
-    """One episode through the rollout engine with scripted turns; also the same episode through a
-    plain env, whose messages give the reference render. Returns (trajectory, messages, renderer)."""
-    renderer = ChatRenderer(processor)
-    turns = turns_of(renderer)
+def _play(processor, sandbox, turns_of):
+    """One episode through the rollout engine, its turns `turns_of(renderer)`; then the same episode
+    through a plain env, whose messages give the reference render.
+    Returns (trajectory, messages, the engine's renderer, the turns)."""
+    turns = turns_of(ChatRenderer(processor))
     backend = ScriptedBackend(processor, agent_factory=lambda: _Script(turns))
-    env_kwargs = dict(max_turns=4, max_pixels=64 * 64, **env)
+    env_kwargs = dict(max_turns=4, max_pixels=64 * 64)
     with RolloutEngine(backend, sandbox=sandbox, env_kwargs=env_kwargs, sampling=dict(max_new_tokens=512),
                        max_total_tokens=8192) as engine:
         trajectory, = engine.rollout([_task()])

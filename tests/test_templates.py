@@ -18,6 +18,7 @@ from agents.generation import ScriptedBackend  # noqa: E402
 from agents.loading import load_processor  # noqa: E402
 from agents.policy import Policy  # noqa: E402
 from agents.rollout import RolloutEngine  # noqa: E402
+from agents.scripted import ideal_reward  # noqa: E402
 from agents.templates import (  # noqa: E402
     TemplateError, after_prefill, fill_messages, probe_template, raw_renderer, resolve_chat_template, tool_call_text,
     tools_block,
@@ -27,6 +28,7 @@ from algos import sft_data  # noqa: E402
 from cv_env import Task  # noqa: E402
 from cv_env.protocol import PROMPTS, TOOL_SCHEMA, get_prompt, thinking_prompt  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
+from cv_env.tasks import load_tasks  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -167,7 +169,14 @@ def test_a_prefilled_thinking_turn_is_parsed_and_paid_as_a_whole(processor):
         env.step("<think>\nIt says STOP.</think>\n<answer>STOP</answer>")
         assert trajectory.token_ids == engine.renderer.render_full(env.unwrapped.messages).ids
         env.close()
+        # The oracle writes its own "<think>": the pre-fill already did, so its demonstrations still score in full.
+        tasks = [load_tasks("synthetic", split="validation")[i] for i in range(3)]
+        with RolloutEngine(ScriptedBackend(thinking), sandbox=sandbox, env_kwargs=dict(max_pixels=64 * 64),
+                           sampling=dict(max_new_tokens=1024)) as oracle:
+            demos = oracle.rollout(tasks)
     assert trajectory.reward_components["fmt"] == 1.0 and trajectory.reward == pytest.approx(1.1)
+    assert [d.reward for d in demos] == pytest.approx([ideal_reward(task)["total"] for task in tasks])
+    assert all(d.reward_components["fmt"] == 1.0 for d in demos)
 
 
 def test_sft_refuses_a_record_whose_tool_call_would_not_be_trained(processor, monkeypatch):
