@@ -13,6 +13,12 @@ together with the images it introduces. For a conversation whose assistant turns
 tokenized canonically the result equals the full render's ids (tests prove it for every tiny
 family); for sampled turns it keeps exactly what the sampler saw.
 
+Each assistant turn is rendered verbatim: the template's header, the turn's text (a sampled turn's
+text is the template's generation pre-fill plus the sampled text) and the template's closing; the
+checkpoint's own template renders everything else, with what it lacks filled in
+(`agents.templates`). A template that cannot be extended this way is refused when the renderer is
+made, never in the middle of a rollout.
+
 Text that the environment shows (tool output, questions) may spell a special token such as
 `<|image_pad|>` (a program can print anything). Such strings are escaped before rendering so
 that an image placeholder can only come from an image part: otherwise a printed placeholder
@@ -21,6 +27,8 @@ would demand image features that do not exist.
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +36,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cv_env.protocol import TOOL_SCHEMA
+from agents.templates import (
+    TOOL_RESPONSE_FORMATS, TemplateError, TemplateSupport, fill_messages, message_text, probe_conversation,
+    probe_template, raw_renderer,
+)
+from cv_env.protocol import TOOL_SCHEMA, thinking_prompt
+
+_LOG = logging.getLogger(__name__)
+_LOGGED: set[str] = set()  # start-up lines already logged by this process
 
 _ZERO_WIDTH_SPACE = "\u200b"
 # A fast tokenizer resets its padding/truncation state on every call, which raises "Already
@@ -146,27 +161,63 @@ class ChatRenderer:
 
     processor: a Qwen-VL processor (tokenizer + image processor + chat template).
     tools: the function schemas shown in the system turn (default: the env's `code_image_tool`).
+    tool_response_format: "codevision" (tool replies as a user turn in `<tool_response>`, the
+    CodeVision SFT layout) or "default" (the template's own; see `agents.templates`).
+    support: the template's probe result, when already known (`with_tools` passes it on).
+
+    Making a renderer probes the template (`support`; logged once per process) and checks that
+    a tool-using episode extends token-exactly: `TemplateError` says why not and what to use.
     """
 
-    def __init__(self, processor, tools: list[dict] | None = None):
+    def __init__(self, processor, tools: list[dict] | None = None, tool_response_format: str = "codevision",
+                 support: TemplateSupport | None = None):
+        if tool_response_format not in TOOL_RESPONSE_FORMATS:
+            raise ValueError(f"tool_response_format must be one of {', '.join(TOOL_RESPONSE_FORMATS)}, "
+                             f"got {tool_response_format!r}")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tools = [TOOL_SCHEMA] if tools is None else list(tools)
+        self.tool_response_format = tool_response_format
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.merge_size = int(getattr(processor.image_processor, "merge_size", 2))
         # Longest first, so "<|im_start|>" is escaped whole and not as a shorter token inside it.
         specials = {t for t in self.tokenizer.get_added_vocab() if t.startswith("<|") and t.endswith("|>")}
         self._specials = sorted(specials, key=len, reverse=True)
-        self.closing_ids = self._assistant_closing_ids()
+        # Stands for an assistant turn's text while the template renders; random, so no text can forge it.
+        self._mark = "\ue000" + secrets.token_hex(8) + ":{}\ue001"
+        self._template = raw_renderer(processor)
+        self.support = support or probe_template(self._template, self._mark.format("probe"))
+        self.prefill = self.support.prefill
+        self.closing_ids = self.tokenizer(self.support.closing, add_special_tokens=False)["input_ids"]
+        self._check_extendable()
+        line = self.support.describe(tool_response_format, bool(self.tools))
+        if line not in _LOGGED:
+            _LOGGED.add(line)
+            _LOG.info(line)
+
+    def with_tools(self, tools: list[dict]) -> "ChatRenderer":
+        """The same renderer (template, tool reply format) showing other tool schemas."""
+        return ChatRenderer(self.processor, tools, self.tool_response_format, support=self.support)
+
+    def prompt_for(self, name: str) -> str:
+        """The env prompt preset to show this template's model instead of `name`: its "_thinking"
+        variant where the template opens <think> itself (the model must not write it again)."""
+        return thinking_prompt(name) if self.support.opens_think else name
 
     # -- rendering ------------------------------------------------------------------------------
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat-template text of `messages` (env text escaped, images as placeholders)."""
-        return self.processor.apply_chat_template(
-            [self._escaped(m) for m in messages], tools=self.tools, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        """The chat-template text of `messages` (env text escaped, images as placeholders, gaps
+        filled, assistant turns verbatim)."""
+        filled, tools = fill_messages([self._escaped(m) for m in messages], self.support, self.tools,
+                                      self.tool_response_format)
+        turns, shown = [], []
+        for message in filled:
+            if message.get("role") == "assistant":
+                turns.append(message_text(message.get("content")))
+                message = {"role": "assistant", "content": self._mark.format(len(turns) - 1)}
+            shown.append(message)
+        return self._with_turns(self._template(shown, tools, add_generation_prompt), turns)
 
     def encode(self, text: str, images: list[Image.Image]) -> Delta:
         """Tokenize template text with its images (placeholders expanded to the image grids)."""
@@ -231,23 +282,7 @@ class ChatRenderer:
                 "delta() needs a conversation whose newest assistant turn is not rendered yet: append the sampled "
                 "turn with append_sampled() and let the env add it to its messages before calling delta()"
             )
-        prefix = self.render_text(messages[: last + 1])
-        full = self.render_text(messages, add_generation_prompt=True)
-        if not full.startswith(prefix):
-            raise ValueError(
-                "the chat template re-renders earlier messages when new ones follow, so the conversation cannot be "
-                "extended token-exactly: use a template whose render of a conversation cut after an assistant turn "
-                "is a prefix of every longer render (agents/chat_template.jinja is one)"
-            )
-        text = full[len(prefix):]
-        if text and not any(text.startswith(s) for s in self._specials):
-            # Tokenizing the delta alone equals tokenizing it in context only when it starts at a
-            # token boundary that BPE cannot merge across; a special token guarantees one.
-            raise ValueError(
-                f"the template delta {text[:40]!r} does not start with a special token: tokenizing it apart from "
-                "the history could merge differently than a full render"
-            )
-        return self.encode(text, message_images(messages[last + 1:]))
+        return self.encode(self._delta_text(messages, last), message_images(messages[last + 1:]))
 
     def extend(self, state: TokenState, messages: list[dict]) -> Delta:
         """Close the open assistant turn and append the delta of the new env messages (mask 0)."""
@@ -271,17 +306,48 @@ class ChatRenderer:
             state.pixel_values.append(delta.pixel_values)
         state.image_grid_thw.extend(delta.image_grid_thw)
 
-    def _assistant_closing_ids(self) -> list[int]:
-        probe = "\x00PROBE\x00"
-        before = self.render_text([{"role": "user", "content": "x"}], add_generation_prompt=True)
-        after = self.render_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}])
-        if not after.startswith(before) or probe not in after:
-            raise ValueError("the chat template does not render an assistant turn after its generation prompt")
-        closing = after[after.index(probe) + len(probe):]
-        ids = self.tokenizer(closing, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError("the chat template writes nothing after an assistant turn: it has no end-of-turn token")
-        return ids
+    def _delta_text(self, messages: list[dict], last: int) -> str:
+        """The text the template adds after assistant message `last`, up to the generation prompt."""
+        prefix = self.render_text(messages[: last + 1])
+        full = self.render_text(messages, add_generation_prompt=True)
+        if not full.startswith(prefix):
+            raise TemplateError("it re-renders earlier messages when new ones follow, so the render of a "
+                                "conversation cut after an assistant turn is not a prefix of the longer render")
+        text = full[len(prefix):]
+        if text and not any(text.startswith(s) for s in self._specials):
+            # Tokenizing the delta alone equals tokenizing it in context only when it starts at a
+            # token boundary that BPE cannot merge across; a special token guarantees one.
+            raise TemplateError(f"the text it adds after an assistant turn ({text[:40]!r}) does not start with a "
+                                "special token, so tokenizing it apart from the history could merge differently")
+        return text
+
+    def _with_turns(self, text: str, turns: list[str]) -> str:
+        """`text` (rendered with a mark for each assistant turn's text) with each turn written verbatim."""
+        header, pieces, cursor = self.support.header, [], 0
+        for k, turn in enumerate(turns):
+            mark = self._mark.format(k)
+            at = text.find(mark, cursor)
+            start = text.rfind(header, cursor, at) if at >= 0 else -1
+            if start < 0 or any(s in text[start + len(header):at] for s in self._specials):
+                raise TemplateError(f"it does not write assistant turn {k} as its header {header!r} and the turn's "
+                                    "text")
+            pieces += [text[cursor:start], header, turn]
+            cursor = at + len(mark)
+        return "".join(pieces) + text[cursor:]
+
+    def _check_extendable(self) -> None:
+        """Play a tool-using episode through the template: every turn's render must equal its
+        generation prompt + the sampled text + the closing, and every reply extend it as a delta."""
+        messages = probe_conversation(self.prefill)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for k, i in enumerate(turns):
+            sampled = messages[i]["content"][len(self.prefill):]
+            prompt = self.render_text(messages[:i], add_generation_prompt=True)
+            if self.render_text(messages[: i + 1]) != prompt + sampled + self.support.closing:
+                raise TemplateError("a conversation ending with an assistant turn does not render as its generation "
+                                    "prompt, the sampled text and the end of the turn")
+            if k + 1 < len(turns):
+                self._delta_text(messages[: turns[k + 1]], i)
 
     def _escape(self, text: str) -> str:
         for token in self._specials:

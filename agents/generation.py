@@ -26,8 +26,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from PIL import Image
 
-from agents.conversation import check_image_tokens
+from agents.conversation import ChatRenderer, check_image_tokens
 from agents.policy import _core
+from agents.templates import after_prefill
 
 STOP_TOKENS = ("<|im_end|>", "</tool_call>")
 
@@ -321,7 +322,9 @@ class ScriptedBackend:
     """A backend whose "model" is a scripted agent (e.g. `OracleAgent`) per episode.
 
     Each turn is the agent's text, tokenized canonically and ended with the end-of-turn token,
-    with log-prob 0.0 (nothing was sampled). Through the rollout engine this yields token-exact
+    with log-prob 0.0 (nothing was sampled). Under a template whose generation prompt pre-fills
+    the turn's opening (Qwen3-VL-Thinking's "<think>\\n"), the agent's own opening is left out:
+    the template already wrote it. Through the rollout engine this yields token-exact
     demonstrations (SFT data: `python -m agents.collect`) and measures the engine's own overhead
     with zero model time. Observations are not passed to the agent (the oracle needs none).
     """
@@ -333,6 +336,7 @@ class ScriptedBackend:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.agent_factory = agent_factory or OracleAgent
         self.end_of_turn = end_of_turn
+        self.prefill = ChatRenderer(processor).prefill
         self._agents: dict[str, Any] = {}
 
     def update_weights(self, model) -> None:
@@ -349,7 +353,10 @@ class ScriptedBackend:
             if agent is None:  # the episode's first turn
                 agent = self._agents[request.key] = self.agent_factory()
                 agent.reset(request.task)
-            ids = self.tokenizer(agent.act() + self.end_of_turn, add_special_tokens=False)["input_ids"]
+            text = agent.act()
+            written = after_prefill(text, self.prefill)  # None: the agent did not write the opening
+            ids = self.tokenizer((text if written is None else written) + self.end_of_turn,
+                                 add_special_tokens=False)["input_ids"]
             limit = min(int(request.max_new_tokens), sampling.max_new_tokens)
             reason = "stop" if len(ids) <= limit else "length"
             ids = ids[:limit]

@@ -66,23 +66,34 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     return spec
 
 
-def load_processor(spec: str | os.PathLike, **kwargs: Any):
+def load_processor(spec: str | os.PathLike, chat_template: str | None = None, **kwargs: Any):
     """The processor (tokenizer + image processor + chat template) of `spec`.
 
-    `kwargs` go to `from_pretrained` (e.g. `revision=`). Without torchvision the processor has no
-    video processor; everything else, saving included, behaves as the stock class.
+    chat_template: None keeps the checkpoint's own template; a built-in name ("codevision") or
+    the path of a .jinja file replaces it (`agents.templates.resolve_chat_template`), and a
+    processor saved later keeps the replacement. `kwargs` go to `from_pretrained` (e.g.
+    `revision=`). Without torchvision the processor has no video processor; everything else,
+    saving included, behaves as the stock class.
     """
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
+    from agents.templates import resolve_chat_template
+
+    template = resolve_chat_template(chat_template) if chat_template else None  # a bad name fails before loading
     path = resolve_model_path(spec)
     stock_class = _stock_processor_class(path, **kwargs)
     try:
         if is_torchvision_available() or stock_class is None or "video_processor" not in stock_class.get_attributes():
-            return AutoProcessor.from_pretrained(path, **kwargs)
-        return image_only_processor_class(stock_class).from_pretrained(path, **kwargs)
+            processor = AutoProcessor.from_pretrained(path, **kwargs)
+        else:
+            processor = image_only_processor_class(stock_class).from_pretrained(path, **kwargs)
     except OSError as error:
         raise OSError(_not_found_message(spec, path, error)) from error
+    if template is not None:
+        processor.chat_template = template
+        getattr(processor, "tokenizer", processor).chat_template = template
+    return processor
 
 
 def load_model(

@@ -30,15 +30,17 @@ class Policy:
     """A model + processor pair with the helpers the rollout engine and the trainers share.
 
     model: the (possibly peft-wrapped) `...ForConditionalGeneration`; processor: its processor.
+    renderer: how conversations become tokens (default: `ChatRenderer(processor)`, which probes
+    the processor's chat template and refuses one that cannot be extended token-exactly).
     Build with `Policy.load`, or wrap an existing pair with `Policy(model, processor)`.
     """
 
-    def __init__(self, model, processor, spec: str | None = None):
+    def __init__(self, model, processor, spec: str | None = None, renderer: ChatRenderer | None = None):
         self.model = model
         self.processor = processor
         self.spec = spec
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.renderer = ChatRenderer(processor)
+        self.renderer = renderer or ChatRenderer(processor)
         self.image_token_id = self.renderer.image_token_id
         self.merge_size = self.renderer.merge_size
         self.suppressed_ids = suppressed_token_ids(processor)
@@ -57,9 +59,15 @@ class Policy:
         gradient_checkpointing: bool = False,
         lora: dict | None = None,
         freeze_vision: bool = False,
+        chat_template: str | None = None,
+        tool_response_format: str = "codevision",
     ) -> "Policy":
         """Load model and processor from `tiny:<family>`, a hub id or a local folder.
 
+        The chat template is probed before the weights load, so a template that cannot be
+        extended token-exactly is refused at once (`agents.templates.TemplateError`).
+        chat_template: None (the checkpoint's own), a built-in name ("codevision") or a .jinja path.
+        tool_response_format: "codevision" or "default" (see `agents.conversation.ChatRenderer`).
         dtype / device / attn_implementation: as `agents.loading.load_model`.
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         lora: None for full fine-tuning, or a dict `r` (16), `alpha` (2r), `dropout` (0.0),
@@ -67,8 +75,9 @@ class Policy:
         string passed to peft unchanged). Only the adapters are trainable then.
         freeze_vision: keep the vision tower (and its merger) fixed.
         """
+        processor = load_processor(spec, chat_template=chat_template)
+        renderer = ChatRenderer(processor, tool_response_format=tool_response_format)
         model = load_model(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
-        processor = load_processor(spec)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -78,7 +87,7 @@ class Policy:
             visual = _core(model).model.visual
             for p in visual.parameters():
                 p.requires_grad_(False)
-        return cls(model, processor, spec=spec)
+        return cls(model, processor, spec=spec, renderer=renderer)
 
     # -- torch-module-like surface --------------------------------------------------------------
 

@@ -92,13 +92,18 @@ class RolloutEngine:
                 raise ValueError(f"env_kwargs must not set {key!r}: the engine passes tasks per rollout and its sandbox")
         if max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {max_total_tokens}")
+        # The system turn lists the tool schemas of the envs' prompt preset (none for "compact"),
+        # rendered the policy's way (its template choice and tool reply format).
+        tools = list(get_prompt(env_kwargs.get("prompt", "full")).tools)
+        policy = getattr(self.backend, "policy", None)
+        self.renderer = (policy.renderer.with_tools(tools) if policy is not None
+                         else ChatRenderer(self.backend.processor, tools=tools))
+        if "system_prompt" not in env_kwargs:  # a template that opens <think> gets a prompt that does not ask for it
+            env_kwargs["prompt"] = self.renderer.prompt_for(env_kwargs.get("prompt", "full"))
         self.sandbox = sandbox
         self.env_kwargs = env_kwargs
         self.sampling = SamplingParams.from_dict(sampling)
         self.max_total_tokens = int(max_total_tokens)
-        # The system turn lists the tool schemas of the envs' prompt preset (none for "compact").
-        tools = get_prompt(env_kwargs.get("prompt", "full")).tools
-        self.renderer = ChatRenderer(self.backend.processor, tools=list(tools))
         self.tokenizer = self.renderer.tokenizer
         self.end_of_turn_id = self.renderer.closing_ids[0]
         self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * max(1, len(sandbox.worker_pids)))
@@ -219,10 +224,12 @@ class RolloutEngine:
         return episodes
 
     def _action_text(self, ids: list[int]) -> str:
-        """The env action: the sampled text without the end-of-turn token (the template adds it)."""
+        """The env action: the whole turn, i.e. the template's generation pre-fill (Qwen3-VL-Thinking's
+        "<think>\\n") and the sampled text, without the end-of-turn token (the template adds it). The
+        parser and the format reward score the turn as the model wrote it, opening included."""
         if ids and ids[-1] == self.end_of_turn_id:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.renderer.prefill + self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _step(self, ep: _Episode) -> None:
         """One env step for one episode, then its delta (or its end); runs on the thread pool."""

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from agents.templates import TOOL_RESPONSE_FORMATS
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
@@ -95,6 +96,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    chat_template: Optional[str] = None  # None: the checkpoint's own; a built-in name or a .jinja path
+    tool_response_format: str = "codevision"  # tool replies: codevision (CodeVision SFT layout) | default
 
 
 @dataclass
@@ -269,6 +272,7 @@ def _validate(cfg: GRPOConfig) -> None:
     m, e, r, a, t, lg = cfg.model, cfg.env, cfg.rollout, cfg.algo, cfg.trainer, cfg.logger
     _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
     _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.tool_response_format, TOOL_RESPONSE_FORMATS, "model.tool_response_format")
     if m.lora.enabled:
         _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
         _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")

@@ -198,7 +198,8 @@ def load_critic(cfg: Any, policy: Policy, device: Any = None) -> Critic:
     if c.kind != "separate":
         raise ValueError(f"critic.kind {c.kind!r} is not one of 'shared', 'separate'")
     backbone = Policy.load(c.path or m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-                           gradient_checkpointing=m.gradient_checkpointing, freeze_vision=c.freeze_vision)
+                           gradient_checkpointing=m.gradient_checkpointing, freeze_vision=c.freeze_vision,
+                           chat_template=m.chat_template)
     _check_same_tokens(policy, backbone, c.path or m.path)
     hidden_size = backbone.model.get_output_embeddings().weight.shape[1]
     backbone.train()

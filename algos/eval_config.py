@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from agents.templates import TOOL_RESPONSE_FORMATS
 from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config, to_config
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
@@ -47,6 +48,8 @@ class EvalModelConfig:
     gradient_checkpointing: bool = False
     freeze_vision: bool = False
     lora: dict[str, Any] = field(default_factory=dict)
+    chat_template: Optional[str] = None  # None: the checkpoint's own; a built-in name or a .jinja path
+    tool_response_format: str = "codevision"  # tool replies: codevision (CodeVision SFT layout) | default
 
     @property
     def scripted(self) -> bool:
@@ -90,6 +93,8 @@ class EvalConfig:
 
         require(bool(self.model.path.strip()), "model.path",
                 "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
+        require(self.model.tool_response_format in TOOL_RESPONSE_FORMATS, "model.tool_response_format",
+                f"{self.model.tool_response_format!r} is not one of {', '.join(TOOL_RESPONSE_FORMATS)}")
         require(self.checkpoint is None or not self.model.scripted, "checkpoint",
                 f"a scripted agent ({self.model.path}) has no weights to load: drop checkpoint or set model")
         require(self.checkpoint not in ("auto", "never", ""), "checkpoint",

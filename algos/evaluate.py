@@ -150,7 +150,8 @@ def load_policy(cfg: EvalConfig):
     if cfg.checkpoint and cfg.model.lora.get("enabled"):
         lora = {k: v for k, v in cfg.model.lora.items() if k != "enabled"}
     policy = Policy.load(cfg.model.path, dtype=cfg.model.dtype, device=device,
-                         attn_implementation=cfg.model.attn_implementation, lora=lora)
+                         attn_implementation=cfg.model.attn_implementation, lora=lora,
+                         chat_template=cfg.model.chat_template, tool_response_format=cfg.model.tool_response_format)
     if cfg.checkpoint:
         from algos.checkpoint import load_checkpoint, resolve_resume
 

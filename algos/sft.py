@@ -30,7 +30,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from agents.conversation import ChatRenderer
 from agents.policy import Policy
 from agents.trajectory import Trajectory
 from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
@@ -99,9 +98,9 @@ def prepare_data(cfg: SFTConfig, policy: Policy,
         held = 0 if d.val_fraction == 0 or len(records) < 2 else max(1, round(d.val_fraction * len(records)))
         val_records = [records[i] for i in sorted(order[:held])]
         records = [records[i] for i in sorted(order[held:])]
+    renderer = policy.renderer.with_tools(list(get_prompt(d.prompt).tools))  # as the RL envs render
     options = dict(max_tokens=d.max_tokens, max_pixels=d.max_pixels, system_prompt=d.system_prompt,
-                   prompt=d.prompt, on_invalid=d.on_invalid)
-    renderer = ChatRenderer(policy.processor, tools=list(get_prompt(d.prompt).tools))  # as the RL envs render
+                   prompt=renderer.prompt_for(d.prompt), on_invalid=d.on_invalid)
     train, train_stats = build_examples(renderer, records, **options)
     val, val_stats = build_examples(renderer, val_records[:d.val_size], **options) if val_records else (None, {})
     for name, stats in (("training", train_stats), ("validation", val_stats)):
@@ -183,7 +182,8 @@ def load_sft_policy(cfg: SFTConfig, device: Any = "cpu") -> Policy:
         lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout,
                 "target_modules": list(m.lora.target_modules)}
     return Policy.load(m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-                       gradient_checkpointing=m.gradient_checkpointing, lora=lora, freeze_vision=m.freeze_vision)
+                       gradient_checkpointing=m.gradient_checkpointing, lora=lora, freeze_vision=m.freeze_vision,
+                       chat_template=m.chat_template, tool_response_format=m.tool_response_format)
 
 
 def _core(model):

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from hydra.core.config_store import ConfigStore
 
 from algos.config import DTYPES, SCHEDULERS, WANDB_MODES, LoggerConfig, ModelConfig, load_config
+from agents.templates import TOOL_RESPONSE_FORMATS
 from cv_env.protocol import PROMPTS
 
 __all__ = ["OracleDemoConfig", "SFTDataConfig", "SFTAlgoConfig", "SFTTrainerConfig", "SFTConfig",
@@ -117,6 +118,7 @@ def _validate(cfg: SFTConfig) -> None:
     m, d, a, t = cfg.model, cfg.data, cfg.algo, cfg.trainer
     _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
     _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.tool_response_format, TOOL_RESPONSE_FORMATS, "model.tool_response_format")
     if m.lora.enabled:
         _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
         _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")

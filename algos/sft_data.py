@@ -43,6 +43,10 @@ on its own plus the end-of-turn token (loss mask 1: what the model must learn to
 that follow (mask 0). Messages after the last assistant turn teach nothing and are dropped.
 The system turn lists the tool schemas of the renderer (the env prompt preset's, as in RL; a
 record's own `tools` field is ignored), and images larger than `max_pixels` are downscaled as the env shows them.
+Under every chat template an assistant's `tool_calls` (and a ShareGPT `function_call`) train as
+Hermes `<tool_call>` text, and tool replies render in the renderer's tool reply format, as in RL
+(`agents.templates`). Under a template that pre-fills the turn's opening (Qwen3-VL-Thinking's
+`<think>\\n`) each assistant turn must open with `<think>`, which then belongs to the prompt.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from agents.conversation import ChatRenderer, ImageTokenMismatch
+from agents.templates import after_prefill, message_text, tool_call_text
 from agents.trajectory import Trajectory
 from cv_env.protocol import get_prompt
 
@@ -246,6 +251,21 @@ def _content(content: Any, queue: _ImageQueue, max_pixels: int, where: str) -> A
     return parts
 
 
+def _sharegpt_calls(value: Any, where: str) -> list[dict]:
+    """A ShareGPT `function_call` value (`{"name": ..., "arguments": ...}` or a list of them, as JSON)
+    as OpenAI-style tool calls."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: a function_call value must be JSON {{\"name\": ..., \"arguments\": ...}} "
+                         f"(LLaMA-Factory's format): {error.msg}") from error
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(call, dict) and "name" in call for call in calls):
+        raise ValueError(f"{where}: a function_call value must be one or more {{\"name\": ..., \"arguments\": ...}} "
+                         f"objects, got {str(value)[:80]!r}")
+    return [{"type": "function", "function": call} for call in calls]
+
+
 def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prompt: str = "env",
                 prompt: str = "full") -> list[dict]:
     """The record's conversation as chat messages with PIL images (see the module doc for formats).
@@ -277,6 +297,8 @@ def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prom
                 raise ValueError(f"{at}: unknown ShareGPT speaker {item['from']!r}: use one of "
                                  f"{sorted(_SHAREGPT_ROLES)}")
             message = {"role": role, "content": item.get("value")}
+            if item["from"] == "function_call":  # LLaMA-Factory: the value is the call(s) as JSON
+                message = {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(item.get("value"), at)}
         else:
             message = {key: value for key, value in item.items() if value is not None}
             if message.get("role") not in _ROLES:
@@ -301,14 +323,10 @@ def to_messages(record: SFTRecord, max_pixels: int = 1024 * 28 * 28, system_prom
 # --------------------------------------------------------------------------------------------
 
 
-def _closing_text(renderer: ChatRenderer) -> str:
-    probe = "\x00PROBE\x00"
-    rendered = renderer.render_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}])
-    return rendered[rendered.index(probe) + len(probe):]
-
-
-def _assistant_ids(renderer: ChatRenderer, messages: list[dict], i: int, closing: str, where: str) -> list[int]:
-    """The ids a model writes for assistant message `i`: its rendered text, then the end-of-turn token."""
+def _assistant_ids(renderer: ChatRenderer, messages: list[dict], i: int, where: str) -> list[int]:
+    """The ids a model writes for assistant message `i`: its rendered text after the generation
+    prompt (and its pre-fill), then the end-of-turn token."""
+    closing = renderer.support.closing
     before = renderer.render_text(messages[:i], add_generation_prompt=True)
     after = renderer.render_text(messages[:i + 1])
     if not after.startswith(before) or not after.endswith(closing):
@@ -324,10 +342,30 @@ def _assistant_ids(renderer: ChatRenderer, messages: list[dict], i: int, closing
     return ids
 
 
+def _as_sampled(renderer: ChatRenderer, message: dict, i: int, where: str) -> dict:
+    """Assistant message `i` with its tool calls as text, opening with the template's generation
+    pre-fill (Qwen3-VL-Thinking's "<think>\\n") as a sampled turn does. A turn without thinking
+    gets the empty think block such a template writes for one."""
+    text = message_text(message.get("content"))
+    if message.get("tool_calls"):
+        text += ("\n" if text else "") + tool_call_text(message["tool_calls"])
+    written = after_prefill(text, renderer.prefill)
+    if written is None:
+        written = after_prefill(renderer.support.empty_thinking + text, renderer.prefill)
+    if written is None:
+        raise ValueError(f"{where}: assistant message {i} does not open with {renderer.prefill.strip()!r}, which this "
+                         f"chat template's generation prompt writes ({renderer.prefill!r}): start each assistant turn "
+                         "with it, or train with another model.chat_template")
+    return {"role": "assistant", "content": renderer.prefill + written}
+
+
 def tokenize_conversation(renderer: ChatRenderer, messages: list[dict], example_id: str = "example",
                           category: str = "sft") -> Trajectory:
     """Render `messages` as a rollout would; loss mask 1 exactly on the assistant turns' tokens.
 
+    An assistant turn's `tool_calls` train as Hermes `<tool_call>` text under every template, and
+    each turn must render as many calls as it holds. Under a template that pre-fills the turn's
+    opening, the opening is part of the prompt (mask 0), as when sampling.
     Returns a `Trajectory` (rewards 0) so `Policy.collate` batches it like a rollout.
     Raises ValueError when there is no assistant turn or the prompt does not precede it.
     """
@@ -337,12 +375,18 @@ def tokenize_conversation(renderer: ChatRenderer, messages: list[dict], example_
     if assistant_at[0] == 0 or all(m.get("role") == "system" for m in messages[:assistant_at[0]]):
         raise ValueError(f"{example_id}: the conversation starts with an assistant message: a user message must "
                          "come first")
-    closing = _closing_text(renderer)
+    in_record = {i: message_text(messages[i].get("content")).count("<tool_call>")
+                 + len(messages[i].get("tool_calls") or []) for i in assistant_at}
+    messages = [_as_sampled(renderer, m, i, example_id) if i in assistant_at else m for i, m in enumerate(messages)]
     state = renderer.start(messages[:assistant_at[0]])
     tool_calls = 0
     for k, i in enumerate(assistant_at):
-        ids = _assistant_ids(renderer, messages, i, closing, example_id)
-        tool_calls += "<tool_call>" in renderer.tokenizer.decode(ids) or bool(messages[i].get("tool_calls"))
+        ids = _assistant_ids(renderer, messages, i, example_id)
+        rendered, expected = renderer.tokenizer.decode(ids).count("<tool_call>"), in_record[i]
+        if rendered != expected:
+            raise ValueError(f"{example_id}: assistant message {i} holds {expected} tool call(s) but trains on "
+                             f"{rendered}: the chat template rewrote the turn")
+        tool_calls += rendered
         state.append_sampled(ids, [0.0] * len(ids))
         if k + 1 < len(assistant_at):
             renderer.extend(state, messages[:assistant_at[k + 1]])
@@ -354,7 +398,7 @@ def tokenize_conversation(renderer: ChatRenderer, messages: list[dict], example_
         loss_mask=state.loss_mask, sampler_logprobs=[0.0] * n, token_rewards=[0.0] * n,
         turn_ends=state.turn_ends, turn_rewards=[0.0] * turns, reward=0.0, reward_components={},
         images=state.images, image_grid_thw=state.image_grid_thw, pixel_values=state.all_pixel_values(),
-        success=True, num_turns=turns, num_tool_calls=int(tool_calls), truncated=False, truncation="",
+        success=True, num_turns=turns, num_tool_calls=tool_calls, truncated=False, truncation="",
         prompt_length=state.prompt_length, temperature=1.0,
     )
 

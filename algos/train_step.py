@@ -73,7 +73,8 @@ def load_policy(cfg: Any, device: torch.device, trainable: bool = True) -> Polic
     policy = Policy.load(
         m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
         gradient_checkpointing=m.gradient_checkpointing and trainable, lora=lora,
-        freeze_vision=m.freeze_vision and trainable,
+        freeze_vision=m.freeze_vision and trainable, chat_template=m.chat_template,
+        tool_response_format=m.tool_response_format,
     )
     if not trainable:
         policy.eval()

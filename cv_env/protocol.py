@@ -72,9 +72,21 @@ class Prompt:
     tools: tuple[dict[str, Any], ...]
 
 
+# For checkpoints whose chat template opens the think block itself (Qwen3-VL-Thinking's generation
+# prompt ends with "<think>\n"): the same protocol, without asking the model to write <think>.
+THINKING_SYSTEM_PROMPT = SYSTEM_PROMPT.replace(
+    "In every turn, first reason inside <think> </think>. Then do exactly one of:",
+    "Every turn starts inside a <think> block that is already open: reason there and close it with </think>. "
+    "Then do exactly one of:")
+COMPACT_THINKING_SYSTEM_PROMPT = COMPACT_SYSTEM_PROMPT.replace(
+    "First reason inside <think> </think>. Then either",
+    "Your turn starts inside an open <think> block: reason, close it with </think>, then either")
+
 PROMPTS: dict[str, Prompt] = {
     "full": Prompt(SYSTEM_PROMPT, (TOOL_SCHEMA,)),  # the instructions plus the schema (Qwen's tool format)
     "compact": Prompt(COMPACT_SYSTEM_PROMPT, ()),  # ~5x fewer tokens: one example call, no schema block
+    "full_thinking": Prompt(THINKING_SYSTEM_PROMPT, (TOOL_SCHEMA,)),  # "full" for a template that opens <think>
+    "compact_thinking": Prompt(COMPACT_THINKING_SYSTEM_PROMPT, ()),  # "compact" for a template that opens <think>
 }
 
 
@@ -84,6 +96,12 @@ def get_prompt(name: str) -> Prompt:
         return PROMPTS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown prompt {name!r}: use one of {', '.join(PROMPTS)}") from None
+
+
+def thinking_prompt(name: str) -> str:
+    """The preset to show instead of `name` when the chat template opens <think> itself."""
+    get_prompt(name)
+    return name if name.endswith("_thinking") else f"{name}_thinking"
 
 
 # Fenced code: ```python ... ``` (or ```py / bare ```), the form that needs no JSON escaping.

@@ -25,6 +25,7 @@ from algos.sft_data import build_examples, micro_batches, read_records, record_t
 from algos.train_step import build_optimizer, build_scheduler, update_step  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
+from spans import masked_spans  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 MODEL = "tiny:qwen2_5_vl"
@@ -98,14 +99,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens_of_a_two_image_multi_turn_epi
     mask = reference["assistant_masks"]
     assert example.loss_mask == list(mask[0] if isinstance(mask[0], list) else mask)
     # Read back as text: exactly the two assistant turns, nothing of the prompt or the tool reply.
-    spans, current = [], []
-    for token, m in zip(example.token_ids, example.loss_mask):
-        if m:
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    decoded = [processor.tokenizer.decode(s) for s in spans + ([current] if current else [])]
+    decoded = masked_spans(example.token_ids, example.loss_mask, processor.tokenizer)
     assert decoded == [text + "<|im_end|>" for text in _assistant_texts(messages)]
     assert example.num_turns == 2 and example.num_tool_calls == 1
 

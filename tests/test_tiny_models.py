@@ -15,6 +15,7 @@ from PIL import Image
 
 from agents import tiny
 from agents.loading import load_model, load_processor, model_type, resolve_model_path, suppressed_token_ids
+from spans import masked_spans
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -76,20 +77,6 @@ def _conversation():
         },
         {"role": "assistant", "content": FINAL_REPLY},
     ]
-
-
-def _masked_spans(ids, mask, tokenizer):
-    """Decoded text of each run of consecutive masked tokens."""
-    spans, run = [], []
-    for token, keep in zip(ids, mask):
-        if keep:
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    if run:
-        spans.append(tokenizer.decode(run))
-    return spans
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +209,7 @@ def test_family_end_to_end(family, cache):
     assert tokens_per_image[0] == tiny.MIN_IMAGE_TOKENS  # a 64x64 image costs the minimum: 4 tokens
 
     # The assistant mask covers exactly the two assistant turns, <|im_end|> included.
-    assert _masked_spans(ids.tolist(), mask.tolist(), processor.tokenizer) == EXPECTED_ASSISTANT_TEXTS
+    assert masked_spans(ids.tolist(), mask.tolist(), processor.tokenizer) == EXPECTED_ASSISTANT_TEXTS
     text = processor.tokenizer.decode(ids)
     assert text.count("<|im_start|>assistant\n") == 2 and text.count("<tool_response>") == 1
 
@@ -326,7 +313,7 @@ def test_tokenizer_alone_gives_the_assistant_mask_too(tokenizer):
     ]
     out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
-    assert _masked_spans(out["input_ids"], out["assistant_masks"], tokenizer) == [
+    assert masked_spans(out["input_ids"], out["assistant_masks"], tokenizer) == [
         "<think>x</think><answer>1</answer><|im_end|>", "<answer>2</answer><|im_end|>"]
 
 
