@@ -265,3 +265,18 @@ def test_printed_text_is_always_utf8(sandbox, image):
     r.stdout.encode("utf-8")
     r.error.encode("utf-8")
     assert r.stdout == "a\ufffd b \ufffd\n" and "\ufffd" in r.error
+
+
+def test_a_timed_out_worker_is_gone_even_without_the_os_layer(image):
+    """The wall-clock kill does not depend on the OS layer: a snippet that ignores signals and
+    loops forever is gone after its deadline, with every layer switched off."""
+    code = ("import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass")
+    with Sandbox(workers=1, timeout_s=1.0, isolate=False, restricted=False) as sb:
+        pid = sb.worker_pids[0]
+        r = sb.run(code, [image])
+        assert not r.ok and "TimeoutError" in r.error
+        deadline = time.time() + 5
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)

@@ -43,7 +43,7 @@ from cv_env.task import CORE_OPS
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../cv_env
 _OUTPUT_BYTES_PER_PIXEL = 3
-_START_MESSAGE = 256  # bytes a worker's "started" acknowledgement may take
+_MARKER_BYTES = 64  # after the pixels: where a worker writes the number of the call it began
 
 
 @dataclass
@@ -75,6 +75,15 @@ class _Slot:
         self.pid: int | None = None  # in the zygote's PID namespace
         self.host_pid: int | None = None
         self.written: list = []  # (weakref to image, (offset, mode, size)) of the pixels held
+        self.calls = 0  # numbers the calls; a worker writes the one it begins at `marker`
+
+    @property
+    def marker(self) -> int:
+        return self.capacity - _MARKER_BYTES
+
+    def began(self, call: int) -> bool:
+        """Did the worker begin call number `call` (before it died or went silent)?"""
+        return self.shared is not None and int.from_bytes(self.shared[self.marker: self.marker + 8], "little") == call
 
     def renew_memory(self) -> None:
         """A new, zero-filled shared-memory file (a new worker sees nothing of an earlier one)."""
@@ -226,7 +235,7 @@ class Sandbox:
         self._worker_layers: dict = {}
         self._pixels = _HostPixels(max_bytes=4 * self.max_input_bytes)
         self._rngs = threading.local()
-        self._capacity = self.max_input_bytes + self.max_output_pixels * _OUTPUT_BYTES_PER_PIXEL
+        self._capacity = self.max_input_bytes + self.max_output_pixels * _OUTPUT_BYTES_PER_PIXEL + _MARKER_BYTES
         self._start_zygote()
         # Registered first, so a failure below still ends the zygote and its workers.
         self._finalizer = weakref.finalize(self, Sandbox._shutdown, self._procs, self._slots)
@@ -497,37 +506,33 @@ class Sandbox:
                 return self._fail(f"the images hold more than {self.max_input_bytes} bytes of pixels; "
                                   f"raise max_input_bytes", start)
             metas, pixels = inputs
-            request = {"code": code, "images": metas, "image_index": image_index,
-                       "timeout_s": self.timeout_s, "stdout_limit": self.max_stdout,
+            slot.calls += 1
+            request = {"code": code, "images": metas, "image_index": image_index, "call": slot.calls,
+                       "marker": slot.marker, "timeout_s": self.timeout_s, "stdout_limit": self.max_stdout,
                        "output_offset": self.max_input_bytes, "max_output_pixels": self.max_output_pixels,
                        "max_aspect": self.max_aspect}
+            problem = None
             try:
                 send_msg(slot.sock, request)
-                started = recv_msg(slot.sock, limit=_START_MESSAGE, deadline=time.monotonic() + self.timeout_s)
-            except (OSError, TimeoutError, WireError):
-                started = None
-            if started != {"started": True}:
-                # The worker never began this call (it died, or broke, before it): not the
-                # snippet's doing, so a fresh worker runs it once more.
-                self._kill(slot)
-                if attempt == 0:
-                    continue
-                return self._fail("the sandbox could not start the code on a fresh worker; try again", start)
-            try:
                 message = recv_msg(slot.sock, limit=4 * self.max_stdout + 1024 * 1024,
                                    deadline=time.monotonic() + self.timeout_s)
             except TimeoutError:
-                self._kill(slot)
+                message, problem = None, "timeout"
+            except (OSError, WireError) as exc:
+                message, problem = None, exc
+            if message is not None:
+                break
+            began = slot.began(slot.calls)
+            self._kill(slot)
+            if not began and attempt == 0:
+                continue  # the worker was dead or stuck before it began: not this call's doing
+            if problem == "timeout":
                 return self._fail(f"TimeoutError: the code ran longer than {self.timeout_s:g} s and was "
                                   f"stopped; avoid long loops and work on whole arrays", start)
-            except (OSError, WireError) as exc:
-                self._kill(slot)
-                return self._fail(f"the sandbox worker sent an invalid reply ({exc}); it was replaced", start)
-            if message is None:
-                self._kill(slot)
-                return self._fail("the code crashed the sandbox worker (a resource limit or a fatal error in "
-                                  "a library call); it was replaced", start)
-            break
+            if problem is not None:
+                return self._fail(f"the sandbox worker sent an invalid reply ({problem}); it was replaced", start)
+            return self._fail("the code crashed the sandbox worker (a resource limit or a fatal error in "
+                              "a library call); it was replaced", start)
         try:
             result, retire = self._to_result(slot, message, pixels, start)
         except (ReplyError, ClaimError) as exc:
@@ -577,7 +582,7 @@ class Sandbox:
         """Parse and verify the worker's reply (ReplyError / ClaimError when it is forged)."""
         reply = parse_reply(message, n_images=len(pixels), max_stdout=self.max_stdout,
                             max_output_pixels=self.max_output_pixels, max_aspect=self.max_aspect,
-                            output_offset=self.max_input_bytes, capacity=slot.capacity)
+                            output_offset=self.max_input_bytes, capacity=slot.marker)
         result = SandboxResult(ok=reply.ok, stdout=reply.stdout, error=reply.error)
         if reply.image is not None:
             mode, w, h = reply.image

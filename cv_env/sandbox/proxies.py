@@ -164,8 +164,9 @@ _FORBIDDEN_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 # Pillow's C objects (`draw.im`, `draw.draw`, `font.font`) expose unchecked low-level methods.
 _PIL_CORE_TYPES = frozenset({"ImagingCore", "ImagingDraw", "ImagingFont", "Font", "ImagingDecoder",
                              "ImagingEncoder"})
-# Values that need no check (the fast path of `guard_value`).
+# Values that need no check (the fast path of `guard_value`), and containers of them.
 _PLAIN = frozenset({int, float, bool, str, bytes, complex, type(None)})
+_PLAIN_OR_CONTAINER = _PLAIN | {tuple, list, dict}
 
 
 def is_pil_core(value: object) -> bool:
@@ -173,11 +174,12 @@ def is_pil_core(value: object) -> bool:
     return cls.__module__ == "builtins" and cls.__name__ in _PIL_CORE_TYPES
 
 
-def guard_value(value: object, proxies: dict[str, ModuleProxy], where: str) -> object:
+def guard_value(value: object, proxies: dict[str, ModuleProxy], where: str, nested: bool = True) -> object:
     """Check a value a snippet is about to hold (an attribute, a call's result, an item, an
     iterated element): modules become proxies or are refused, interpreter internals, Pillow's
-    C objects and arrays of Python objects are refused. Tuples, lists and dict values are
-    checked one level deep (a library function that returns a module in a tuple is caught)."""
+    C objects and arrays of Python objects are refused. The elements of a tuple, list or dict
+    are checked too, one level deep (a library function that returns a module in a tuple is
+    caught; deeper containers are checked when the snippet takes them out)."""
     cls = type(value)
     if cls in _PLAIN:
         return value
@@ -193,13 +195,15 @@ def guard_value(value: object, proxies: dict[str, ModuleProxy], where: str) -> o
     if isinstance(value, np.ndarray) and value.dtype.hasobject:
         raise SandboxViolation(f"{where} is an array of Python objects, which the sandbox does not offer; "
                                "use numeric arrays")
-    if cls in (tuple, list) and value and not set(map(type, value)) <= _PLAIN:
-        checked = [guard_value(v, proxies, where) for v in value]
+    if not nested:
+        return value
+    if cls in (tuple, list) and value and not set(map(type, value)) <= _PLAIN_OR_CONTAINER:
+        checked = [guard_value(v, proxies, where, nested=False) for v in value]
         if any(c is not v for c, v in zip(checked, value)):
             value = cls(checked)
-    elif cls is dict and value and not set(map(type, value.values())) <= _PLAIN:
+    elif cls is dict and value and not set(map(type, value.values())) <= _PLAIN_OR_CONTAINER:
         for v in value.values():
-            if guard_value(v, proxies, where) is not v:
+            if guard_value(v, proxies, where, nested=False) is not v:
                 raise SandboxViolation(f"{where} holds a module, which the sandbox does not offer")
     return value
 

@@ -8,8 +8,8 @@ host passed over SCM_RIGHTS. A worker locks itself down and serves snippets: inp
 from shared memory, the output's pixels go back into it, and only small JSON messages
 (`wire.py`) cross the socket. Nothing is pickled.
 
-Per call a worker first acknowledges the request (the host retries, on a fresh worker, a call
-that never got this far), then runs the snippet, and checks itself *before* replying: a snippet
+Per call a worker first marks the call as begun in shared memory (the host retries, on a fresh
+worker, a call that never got this far), then runs the snippet, and checks itself *before* replying: a snippet
 that changed library state or left a global lock held is paid for in its own call (the reply
 says `retire` and the host replaces the worker), never in the next, innocent one.
 """
@@ -86,7 +86,7 @@ def zygote_main() -> None:
     _warm_up(modules)
     isolation.become_subreaper()
     devnull = os.open(os.devnull, os.O_RDWR)
-    keepers: dict[int, int] = {}  # worker pid -> its keeper's pid (a child of ours until reaped)
+    keepers: dict[int, tuple[int, int]] = {}  # worker pid -> (its keeper's pid, a pidfd of the worker)
     ctl.sendall(b'{"ready": true}')
     for fd in (1, 2):  # nobody reads the start-up pipe any more
         os.dup2(devnull, fd)
@@ -112,21 +112,21 @@ def zygote_main() -> None:
             try:
                 keeper, pid = isolation.spawn_alone(worker, close_in_keeper=[*fds, ctl.fileno()])
                 reply = {"pid": pid}
-                keepers[pid] = keeper
+                keepers[pid] = (keeper, os.pidfd_open(pid))  # kill by pidfd: never a reused pid
             except OSError as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             for fd in fds:
                 os.close(fd)
             ctl.sendall(json.dumps(reply).encode())
         elif request["cmd"] == "kill":
-            keeper = keepers.get(int(request["pid"]))
-            if keeper is not None:  # a keeper is never reaped behind our back: its pid is ours
-                os.kill(keeper, signal.SIGKILL)  # the worker follows (parent-death signal)
+            entry = keepers.get(int(request["pid"]))
+            if entry is not None:
+                _kill(*entry)
             ctl.sendall(b'{"killed": true}')
         elif request["cmd"] == "shutdown":
             break
-    for keeper in keepers.values():
-        os.kill(keeper, signal.SIGKILL)
+    for entry in keepers.values():
+        _kill(*entry)
     while True:  # keepers, and workers reparented to us once their keeper died
         try:
             os.waitpid(-1, 0)
@@ -135,7 +135,17 @@ def zygote_main() -> None:
     os._exit(0)
 
 
-def _reap(keepers: dict[int, int]) -> None:
+def _kill(keeper: int, worker: int) -> None:
+    """End a worker and its keeper: the worker through its pidfd (never a reused pid), the
+    keeper (our child, so its pid is ours until we reap it) by pid."""
+    try:
+        signal.pidfd_send_signal(worker, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.kill(keeper, signal.SIGKILL)
+
+
+def _reap(keepers: dict[int, tuple[int, int]]) -> None:
     """Collect exited children (keepers, and orphaned workers) without blocking."""
     while True:
         try:
@@ -144,8 +154,9 @@ def _reap(keepers: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        for worker_pid, keeper in list(keepers.items()):
+        for worker_pid, (keeper, pidfd) in list(keepers.items()):
             if keeper == pid:
+                os.close(pidfd)
                 del keepers[worker_pid]
 
 
@@ -170,6 +181,7 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict, name
     from cv_env.sandbox import isolation
     from cv_env.sandbox.executor import execute_snippet
 
+    isolation.die_with_parent()  # its keeper: a killed keeper takes the worker with it, isolated or not
     sock_fd, mem_fd = isolation.prepare_fds(list(fds), devnull)
     capacity = int(config["capacity"])
     shared = mmap.mmap(mem_fd, capacity)
@@ -196,7 +208,8 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict, name
         request = recv_msg(sock)
         if request is None:
             return
-        send_msg(sock, {"started": True})
+        marker = int(request["marker"])  # the host retries a call that never got this far
+        shared[marker: marker + 8] = int(request["call"]).to_bytes(8, "little")
         isolation.set_cpu_budget(float(request["timeout_s"]) + 1.0)
         started = time.perf_counter()
         try:
