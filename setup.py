@@ -33,7 +33,7 @@ TRAIN = [
 ]
 VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
 SANDBOX = ["pyseccomp>=0.1.2"]  # the seccomp layer of the sandbox (needs the system libseccomp)
-TEST = ["pytest>=8", "pytest-timeout>=2.3"] + SANDBOX
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"] + SANDBOX  # hypothesis: property tests
 
 CONF_PACKAGES = ["algos.conf"] + [
     "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
