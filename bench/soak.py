@@ -18,6 +18,7 @@ second half of the run (after a warm-up), and the processes left once everything
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -62,6 +63,15 @@ def descendants(pid: int | None = None) -> list[int]:
             found.append(child)
             todo.append(child)
     return sorted(found)
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim), so RSS shows live memory and
+    not the high-water mark of whichever thread's arena last held a large image."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps some freed memory, the figures are noisier
+        pass
 
 
 def rss_mb() -> float:
@@ -126,6 +136,7 @@ def soak(episodes: int = 1000, threads: int = 4, workers: int = 2, timeout_s: fl
 
     def sample() -> None:
         gc.collect()
+        _release_free_heap()
         trace.append({"episodes": done[0], "rss_mb": rss_mb(), "fds": open_fds(),
                       "children": len(set(descendants()) - before), "time_s": time.perf_counter() - start})
 
