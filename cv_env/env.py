@@ -42,7 +42,7 @@ from PIL import Image
 
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
-from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, get_prompt, parse_action, preview, render_tool_call
+from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, action_text, get_prompt, parse_action
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
 from cv_env.sandbox import Sandbox
 from cv_env.spaces import observation_space, sanitize_text, text_space
@@ -254,7 +254,7 @@ class CodeVisionEnv(gym.Env):
                 "so it was not read. Write a shorter turn: one tool call or an <answer>."))
         else:
             turn = parse_action(action)
-        text = action if isinstance(action, str) else _dict_action_text(action, turn)
+        text = action_text(action, turn)
         episode.assistant_turns.append(text)
         self.messages.append(_assistant_message(action, turn, text))
         n_turns = len(episode.assistant_turns)
@@ -459,15 +459,6 @@ def _finite_box(box: Any) -> list[float] | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
         return None
     return [float(v) for v in box]
-
-
-def _dict_action_text(action: dict, turn: Turn) -> str:
-    """The assistant turn a dict action stands for, as text (for the format reward and transcripts)."""
-    if turn.kind == "answer":
-        return f"<answer>{turn.answer}</answer>"
-    if turn.kind == "tool_call":
-        return render_tool_call(turn)
-    return preview(action, 2000)
 
 
 def _assistant_message(action: str | dict, turn: Turn, text: str) -> dict[str, Any]:

@@ -268,6 +268,20 @@ def _as_text(value: Any) -> str:
         return ""
 
 
+def action_text(action: str | dict, turn: Turn | None = None) -> str:
+    """The assistant turn an action stands for, as text: a string as it is; a dict as the
+    `<answer>` or the tool call it asks for, or (when it asks for neither) its short repr.
+    turn: `parse_action(action)`, when the caller has it already."""
+    if isinstance(action, str):
+        return action
+    turn = parse_action(action) if turn is None else turn
+    if turn.kind == "answer":
+        return f"<answer>{turn.answer}</answer>"
+    if turn.kind == "tool_call":
+        return render_tool_call(turn)
+    return preview(action, 2000)
+
+
 def render_tool_call(turn: Turn) -> str:
     """The Hermes-style text of a tool call (used to record dict actions in the conversation)."""
     arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
