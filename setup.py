@@ -37,7 +37,7 @@ TRAIN = [
     "matplotlib>=3.8",
 ]
 VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]  # hypothesis: property tests
 
 CONF_PACKAGES = ["algos.conf"] + [
     "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))

@@ -12,6 +12,12 @@ verbatim; each env reply adds only its template delta (agents.conversation). An 
 when the env ends it (answer, malformed turn, turn limit) or when the next env reply would not
 fit in `max_total_tokens`: a reply with an image is appended whole or not at all, and the env
 settles the episode as truncated (`env.truncate()`).
+
+A rollout survives any one episode: an exception while one episode's turn is stepped or
+rendered (an env bug, a template error, a sandbox failure) ends that episode only, truncated
+("error"), with the error in `Trajectory.error`; the others go on. Only a systemic failure
+raises, after the batch: every episode of the rollout failed, or the shared sandbox no longer
+runs code.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import gymnasium as gym
+from PIL import Image
 
 import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.conversation import ChatRenderer, TokenState
@@ -48,6 +55,7 @@ class _Episode:
     num_tool_calls: int = 0
     done: bool = False
     truncation: str = ""
+    error: str = ""  # what ended the episode when an exception did
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=lambda: {"generate_s": 0.0, "env_s": 0.0, "render_s": 0.0})
 
@@ -184,7 +192,7 @@ class RolloutEngine:
                                    "a backend must call on_finish exactly once per request")
             t1 = time.perf_counter()
             for step in steps:
-                step.result()  # re-raises an env error here
+                step.result()  # an episode's own error ended that episode (_step); this is the rest
             for ep in live:
                 ep.timings["generate_s"] += generate_s
             totals["step_s"] += time.perf_counter() - t1
@@ -192,6 +200,7 @@ class RolloutEngine:
             totals["turns"] += 1
             totals["env_steps"] += len(live)
             turn += 1
+        self._check_systemic([ep for ep in episodes if ep.error], len(episodes))
         trajectories = [self._trajectory(ep) for ep in episodes]
         totals["total_s"] = time.perf_counter() - start
         totals["overhead_per_turn_s"] = (totals["total_s"] - totals["generate_s"]) / max(1, totals["turns"])
@@ -232,7 +241,45 @@ class RolloutEngine:
         return self.renderer.prefill + self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _step(self, ep: _Episode) -> None:
-        """One env step for one episode, then its delta (or its end); runs on the thread pool."""
+        """One env step for one episode, then its delta (or its end); runs on the thread pool.
+        An exception ends this episode, not the rollout (`_end_by_error`)."""
+        try:
+            self._step_episode(ep)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, it is this episode's end
+            self._end_by_error(ep, exc)
+
+    def _end_by_error(self, ep: _Episode, exc: Exception) -> None:
+        """End an episode that raised: truncated ("error"), settled by the env when it still can."""
+        ep.error = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            final_reward, ep.info = ep.env.unwrapped.truncate()
+        except Exception:  # noqa: BLE001 - the env had ended it, or cannot settle it: what it paid stands
+            final_reward = 0.0
+        ep.info = {**ep.info, "error": ep.error}
+        if len(ep.turn_rewards) < len(ep.state.turn_ends):
+            ep.turn_rewards.append(0.0)  # the failed turn's own step paid nothing
+        if ep.turn_rewards:
+            ep.turn_rewards[-1] += float(final_reward)
+        self._finish(ep, "error")
+
+    def _check_systemic(self, failed: list[_Episode], total: int) -> None:
+        """Raise when the failures of a rollout are not one episode's: all of them failed, or the
+        shared sandbox no longer runs code (closed, or its processes gone)."""
+        if not failed:
+            return
+        if len(failed) == total:
+            raise RuntimeError(f"every episode of the rollout ({total}) ended by an error, so the run cannot go on; "
+                               f"the first: {failed[0].error}")
+        try:
+            probe = self.sandbox.run("result = image", [Image.new("L", (1, 1))])
+            problem = "" if probe.ok else str(probe.error)
+        except Exception as exc:  # noqa: BLE001 - a closed or broken sandbox
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise RuntimeError(f"the shared sandbox no longer runs code ({problem}); {len(failed)} of {total} "
+                               f"episodes ended by an error, the first: {failed[0].error}. Start a new Sandbox")
+
+    def _step_episode(self, ep: _Episode) -> None:
         t0 = time.perf_counter()
         _, reward, terminated, truncated, info = ep.env.step(ep.action)
         ep.timings["env_s"] += time.perf_counter() - t0
@@ -288,6 +335,7 @@ class RolloutEngine:
             num_tool_calls=ep.num_tool_calls,
             truncated=bool(ep.truncation),
             truncation=ep.truncation,
+            error=ep.error,
             prompt_length=state.prompt_length,
             temperature=self.sampling.logprob_temperature,
             sample_index=ep.sample_index,

@@ -83,6 +83,21 @@ class OracleAgent:
         return self._turns.pop(0)
 
 
+class ScriptAgent:
+    """Plays a fixed list of turns, one per `act()`: failures and malformed turns on demand."""
+
+    def __init__(self, turns: list[str]) -> None:
+        self.turns = list(turns)
+
+    def reset(self, task: Task | None = None) -> None:
+        """Nothing to prepare: the script is the same whatever the task."""
+
+    def act(self, observation: dict | None = None) -> str:
+        if not self.turns:
+            raise RuntimeError("the script has no turn left: give ScriptAgent one turn per step of the episode")
+        return self.turns.pop(0)
+
+
 # Snippets a careless or adversarial policy might write; RandomAgent draws from them.
 _RANDOM_CODE = (
     "result = image.rotate(90, expand=True)",
@@ -99,17 +114,41 @@ _RANDOM_CODE = (
     "result = image.rotate(",
     "result = ().__class__.__subclasses__()",
     "result = 'not an image'",
+    # Code that runs but assigns no `result` (it prints, or does nothing visible).
+    "print(image.size)",
+    "x = image.rotate(90)",
+    "pass",
+    # Printed output far past what the model is shown, with control and unpaired surrogate characters.
+    "print('y' * 100000)\nresult = image",
+    "print('\\x00\\x1b[31m \\ud800 end')",
+    # Odd images: every mode is shown as RGB; a 1x1, an extreme aspect (and one past the limit), a large one.
+    "result = Image.new('F', image.size, 3.5)",
+    "result = Image.new('I;16', (7, 5), 300)",
+    "result = image.convert('RGBA')",
+    "result = image.convert('P')",
+    "result = image.convert('1')",
+    "result = image.resize((1, 1))",
+    "result = image.resize((200, 1))",
+    "result = image.resize((2000, 1))",
+    "result = image.resize((1600, 1200))",
+    "result = np.zeros((4, 4), float)",
+    "résultat = image\nresult = résultat",
 )
+_ENDLESS_CODE = "while True:\n    pass"  # stopped by the sandbox's wall clock
 _RANDOM_TEXT = ("A", "B", "7", "yes", "STOP", "3.5", "")
 
 
 class RandomAgent:
-    """Random turns: tool calls (good, useless, failing, hostile), malformed calls and answers."""
+    """Random turns: tool calls (good, useless, failing, hostile, without `result`, odd images),
+    malformed calls and answers. endless_prob: the share of calls whose code loops until the
+    sandbox's timeout stops it (0 by default: each costs a worker `timeout_s`)."""
 
-    def __init__(self, seed: int = 0, answer_prob: float = 0.2, malformed_prob: float = 0.15):
+    def __init__(self, seed: int = 0, answer_prob: float = 0.2, malformed_prob: float = 0.15,
+                 endless_prob: float = 0.0):
         self.rng = np.random.default_rng(seed)
         self.answer_prob = answer_prob
         self.malformed_prob = malformed_prob
+        self.endless_prob = endless_prob
         self._num_images = 1
 
     def reset(self, task: Task | None = None) -> None:
@@ -127,8 +166,11 @@ class RandomAgent:
                 '<tool_call>{"name": "other_tool", "arguments": {}}</tool_call>',
                 "<think>unfinished thought",
                 "```python\nresult = image\n```",
+                "<answer>" * 10_000,  # a looping model: longer than the env reads (refused unread)
             ]))
         code = str(self.rng.choice(_RANDOM_CODE))
+        if self.endless_prob and self.rng.random() < self.endless_prob:
+            code = _ENDLESS_CODE
         index = int(self.rng.integers(0, self._num_images + 1))  # sometimes out of range
         return tool_call_turn(code, index)
 

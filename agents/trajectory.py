@@ -29,8 +29,10 @@ class Trajectory:
     images: the images whose placeholders appear in token_ids, in order (what the model saw);
     image_grid_thw: their patch grids; pixel_values: the processor's patches for them (None after
     reading JSONL: `Policy.collate` recomputes them from `images`, deterministically).
-    truncated: the episode ended without an answer, by the turn limit ("max_turns") or the
-    total-token budget ("token_budget"), named in `truncation`.
+    truncated: the episode ended without an answer, by the turn limit ("max_turns"), the
+    total-token budget ("token_budget") or an exception ("error"), named in `truncation`.
+    error: for truncation "error", the exception that ended the episode (its turn could not be
+    stepped or rendered); trainers leave such trajectories out of the loss.
     temperature: the sampling temperature (log-probs are of the temperature-scaled distribution;
     1.0 for greedy decoding).
     used_ops / num_failed_calls / turn_ops: what the env saw the code do (`info["used_ops"]`,
@@ -64,6 +66,7 @@ class Trajectory:
     num_failed_calls: int = 0  # tool calls that failed (bad code, timeouts, malformed calls)
     turn_ops: list[list[str]] = field(default_factory=list)  # turn i's detected ops ([] for answers/failures)
     timings: dict[str, float] = field(default_factory=dict)
+    error: str = ""
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -83,7 +86,7 @@ class Trajectory:
         """Inverse of `to_json`; image paths are read relative to `base_dir`."""
         names = {f.name for f in fields(cls)}
         missing = sorted(names - set(data) - {"pixel_values", "temperature", "sample_index", "answer", "timings",
-                                        "used_ops", "num_failed_calls", "turn_ops"})
+                                        "used_ops", "num_failed_calls", "turn_ops", "error"})
         if missing:
             raise ValueError(f"trajectory record is missing field(s) {missing}: was it written by write_jsonl?")
         kwargs = {k: v for k, v in data.items() if k in names and k not in ("images", "pixel_values")}

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from agents.jsonl import json_lines, safe_name
-from cv_env.protocol import parse_action, parse_turn, render_tool_call
+from cv_env.protocol import action_text, parse_turn
 from cv_env.task import Task
 
 __all__ = ["TurnRecord", "Transcript", "play_transcript", "from_trajectory", "write_transcripts", "read_transcripts"]
@@ -151,14 +151,6 @@ def _turn_fields(text: str) -> dict[str, Any]:
     return out
 
 
-def _action_text(action: str | dict) -> str:
-    """A dict action (programmatic agents) as the text a model would have written."""
-    if isinstance(action, str):
-        return action
-    turn = parse_action(action)
-    return f"<answer>{turn.answer}</answer>" if turn.kind == "answer" else render_tool_call(turn)
-
-
 def _message_text(message: dict) -> str:
     content = message.get("content", "")
     if isinstance(content, str):
@@ -194,7 +186,7 @@ def play_transcript(env, agent, task: Task, seed: int | None = None, sample_inde
         action = agent.act(obs)
         seen = len(core.messages)
         obs, reward, terminated, truncated, info = env.step(action)
-        record = TurnRecord(reward=float(reward), **_turn_fields(_action_text(action)))
+        record = TurnRecord(reward=float(reward), **_turn_fields(action_text(action)))
         if "tool_ok" in info:
             num_tool_calls += 1
             record.tool_ok = bool(info["tool_ok"])

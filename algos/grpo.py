@@ -55,6 +55,7 @@ from algos.rollouts import (
     load_task_splits,
     loss_keep_mask,
     open_engines,
+    report_episode_errors,
     sample_table,
     step_metrics,
     validate,
@@ -279,6 +280,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             group_ids = [f"step{step}-prompt{rank + k * world}" for k in range(len(prompts))]
             with gathered():
                 trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
+            report_episode_errors(trajectories, step)  # the run goes on without them
             # step_s: waiting for env steps (the sandbox) once generation is done; not the overlapped part.
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 

@@ -46,6 +46,7 @@ from algos.rollouts import (
     load_task_splits,
     loss_keep_mask,
     open_engines,
+    report_episode_errors,
     sample_table,
     step_metrics,
     validate,
@@ -354,6 +355,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             prompts = [train_tasks[i] for i in indices[rank::world]]
             group_ids = [f"step{step}-prompt{rank + k * world}" for k in range(len(prompts))]
             trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
+            report_episode_errors(trajectories, step)  # the run goes on without them
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
             # 3. group terms, and which trajectories enter the losses

@@ -42,6 +42,7 @@ __all__ = [
     "group_reward_terms",
     "loss_keep_mask",
     "groups_with_signal",
+    "report_episode_errors",
     "step_metrics",
     "episode_summary",
     "rollout_metrics",
@@ -161,11 +162,12 @@ def loss_keep_mask(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, 
                    dynamic_sampling: bool) -> list[bool]:
     """Which trajectories enter the loss.
 
-    mask_truncated: drop trajectories cut by the turn or token limit (DAPO over-long masking:
-    an unfinished answer's reward says little about its tokens). dynamic_sampling: drop whole
-    groups whose rewards are all equal (zero advantage, no signal; DAPO).
+    An episode ended by an exception (`Trajectory.error`) never does: its end is not the
+    model's doing. mask_truncated: drop trajectories cut by the turn or token limit (DAPO
+    over-long masking: an unfinished answer's reward says little about its tokens).
+    dynamic_sampling: drop whole groups whose rewards are all equal (zero advantage, no signal; DAPO).
     """
-    keep = [not (mask_truncated and t.truncated) for t in trajectories]
+    keep = [not (t.error or (mask_truncated and t.truncated)) for t in trajectories]
     if dynamic_sampling:
         group_ids_G = group_index(trajectories)
         for g in group_ids_G.unique():
@@ -182,6 +184,15 @@ def groups_with_signal(trajectories: Sequence[Trajectory], advantages_G: torch.T
     a step's sampling the update can learn from (logged by GRPO as data/groups_with_signal)."""
     group_ids_G = group_index(trajectories)
     return [bool((advantages_G[group_ids_G == g] != 0).any()) for g in range(len(group_ids_G.unique()))]
+
+
+def report_episode_errors(trajectories: Sequence[Trajectory], step: int) -> None:
+    """Say on the console which of this rank's episodes an exception ended (the run goes on
+    without them; `rollout/episode_errors` counts them)."""
+    failed = [t for t in trajectories if t.error]
+    if failed:
+        print(f"step {step}: {len(failed)} of {len(trajectories)} episodes ended by an error and are left out of "
+              f"the loss; the first (task {failed[0].task_id}): {failed[0].error}", flush=True)
 
 
 def step_metrics(trajectories: Sequence[Trajectory], rewards_G: torch.Tensor, adjustments: Sequence[float],
@@ -230,6 +241,7 @@ def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, A
         "truncated": bool(trajectory.truncated),
         "num_failed_calls": int(trajectory.num_failed_calls),
         "used_ops": sorted(set(trajectory.used_ops)),
+        "error": bool(getattr(trajectory, "error", "")),
     }
     return summary
 
@@ -237,7 +249,8 @@ def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, A
 def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
     reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
-    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success."""
+    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success, and
+    rollout/episode_errors (how many episodes an exception ended)."""
     if not summaries:
         return {}
     n = len(summaries)
@@ -260,12 +273,13 @@ def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
     out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
     out["episode/success"] = sum(s["success"] for s in summaries) / n
+    out["rollout/episode_errors"] = float(sum(s.get("error", False) for s in summaries))
     return out
 
 
 def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
-    val/reward/total, val/tool/calls_per_episode and val/tool/acc_with_calls /
+    val/reward/total, val/tool/calls_per_episode, val/rollout/episode_errors and val/tool/acc_with_calls /
     acc_without_calls (accuracy of the episodes that did / did not call the tool, where there
     are any), from greedy `episode_summary`s."""
     if not summaries:
@@ -278,6 +292,7 @@ def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, floa
         "val/acc": sum(s["success"] for s in summaries) / n,
         "val/reward/total": sum(s["reward"] for s in summaries) / n,
         "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
+        "val/rollout/episode_errors": float(sum(s.get("error", False) for s in summaries)),
     }
     out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
     for name, called in (("acc_with_calls", True), ("acc_without_calls", False)):

@@ -21,6 +21,7 @@ evaluation) uses the same names, so runs compare in one dashboard:
     episode/turns                mean assistant turns per episode
     episode/response_length      mean sampled tokens per episode
     episode/truncated            share of episodes cut by the turn or length limit
+    rollout/episode_errors       episodes of a step that an exception ended (left out of the loss)
     actor/loss, actor/pg_loss    policy loss (total, clipped surrogate part)
     actor/kl                     KL(policy || reference), the estimator of algo.kl.kind
     actor/entropy                mean entropy of the policy on sampled tokens
@@ -63,7 +64,7 @@ from PIL import Image
 __all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "check_metric_name", "read_metrics",
            "print_run_summary"]
 
-NAMESPACES = ("reward", "val", "tool", "episode", "actor", "critic", "time", "throughput", "data")
+NAMESPACES = ("reward", "val", "tool", "episode", "rollout", "actor", "critic", "time", "throughput", "data")
 STANDALONE = ("lr",)
 PROGRESS_KEYS = {"reward/total": "reward", "val/acc": "val_acc", "actor/kl": "kl", "actor/loss": "loss",
                  "val/loss": "val_loss"}

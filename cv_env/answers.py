@@ -30,6 +30,8 @@ import unicodedata
 import warnings
 from typing import Callable
 
+from cv_env.tags import blocks
+
 __all__ = [
     "ANSWER_TYPES",
     "extract_answer",
@@ -44,15 +46,19 @@ CHOICE_LETTERS = "ABCDEFGH"
 
 # -- extraction ------------------------------------------------------------------------------------
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _REASONING = re.compile(
     r"<think>.*?(</think>|$)|<tool_call>.*?(</tool_call>|$)", re.DOTALL | re.IGNORECASE
 )
-# "Answer: X", "Final answer = X", "the answer is X" (a bare "answer" word is not enough)
+# "Answer: X", "Final answer = X", "the answer is X" (a bare "answer" word is not enough). The
+# rest of the line is taken greedily and stripped afterwards: a lazy `(.+?)\s*$` retries the
+# whitespace run at every character, quadratic in a line of spaces.
 _ANSWER_PHRASE = re.compile(
-    r"(?:\banswer\s*(?:is\s*)?[:=]|\bthe\s+(?:final\s+)?answer\s+is\b)\s*(.+?)\s*$",
+    r"(?:\banswer\s*(?:is\s*)?[:=]|\bthe\s+(?:final\s+)?answer\s+is\b)\s*(.+)$",
     re.IGNORECASE | re.MULTILINE,
 )
+_WHITESPACE = re.compile(r"\s+")
+# math-verify's parser is superlinear (16 KB of spaces: 5 s); longer answers are checked by rule.
+MATH_VERIFY_MAX_CHARS = 1000
 
 
 def _last_boxed(text: str) -> str | None:
@@ -77,9 +83,9 @@ def extract_answer(text: str | None) -> str | None:
     """
     if not text:
         return None
-    blocks = _ANSWER_BLOCK.findall(text)
-    if blocks:
-        answer = blocks[-1].strip()
+    answers = blocks(text, "answer", ignore_case=True)
+    if answers:
+        answer = answers[-1].strip()
         return answer or None
     opened = text.lower().rfind("<answer>")
     if opened >= 0:
@@ -104,8 +110,12 @@ _LATEX_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^
 
 
 def _unwrap(text: str) -> str:
-    """Strip the decorations models put around answers: \\boxed{}, $…$, \\text{}, a final period."""
-    text = text.strip()
+    """Strip the decorations models put around answers: \\boxed{}, $…$, \\text{}, a final period.
+
+    Runs of whitespace become one space first: no check depends on their length, and the
+    patterns below (`\\s*` next to `\\s*`) would take quadratic time or worse on long runs.
+    """
+    text = _WHITESPACE.sub(" ", text).strip()
     boxed = _last_boxed(text)
     if boxed is not None:
         text = boxed
@@ -268,6 +278,8 @@ def _math_verify_match(prediction: str, truth: str) -> bool | None:
             return parse(text, parsing_timeout=timeout)
         return parse(f"${text}$", parsing_timeout=timeout) or parse(text, parsing_timeout=timeout)
 
+    if len(prediction) > MATH_VERIFY_MAX_CHARS or len(truth) > MATH_VERIFY_MAX_CHARS:
+        return None
     gold, answer = parsed(truth), parsed(prediction)
     if not gold or not answer:
         return None

@@ -11,6 +11,23 @@ and its output image becomes a new image of the episode; `<answer>` ends the epi
 Each step pays its immediate process reward (a failed call is penalised when it happens); the
 final step pays the rest, so an episode's rewards sum to its shaped total, and
 `info["reward_components"]` names every term at the end.
+
+A model's mistake is an observation, never an exception: whatever str or dict `step` gets, it
+returns an observation inside `observation_space` that says what was wrong and a finite
+reward. Only misuse raises: `step` before `reset` or after the episode ended, an action that
+is neither a str nor a dict, a closed env (and a failure that is nobody's turn: a shared
+sandbox closed under the env). What each kind of turn becomes:
+
+* a turn longer than `max_action_chars`: refused before it is read; the observation says so;
+  it counts as a failed call (the per-call penalty applies) and the episode goes on;
+* a tool call that cannot be read (bad JSON, no code, a bad image_index, a dict with neither
+  `code` nor `answer`) or whose code fails: an "Error: ..." observation, a failed call;
+* a tool call whose code runs but assigns no `result`: a successful call (the code did what
+  it was asked; it is not penalised as failed) that adds no image; its observation is the
+  printed output, or "No image was produced: assign the output image to `result`." when it
+  printed nothing. Like every call it counts towards `usage_cost`;
+* a turn with neither a tool call nor an answer: the episode ends, the answer taken from the
+  text by fallback rules, the format term 0.
 """
 
 from __future__ import annotations
@@ -25,14 +42,15 @@ from PIL import Image
 
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
-from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, get_prompt, parse_action, render_tool_call
+from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, action_text, get_prompt, parse_action
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
 from cv_env.sandbox import Sandbox
 from cv_env.spaces import observation_space, sanitize_text, text_space
 from cv_env.task import Task
 from cv_env.tasks import TaskSource, load_tasks
 
-MAX_STDOUT_CHARS = 2000  # printed output shown to the model per call
+MAX_STDOUT_CHARS = 2000  # printed output shown to the model per call (a longer one is cut, marked)
+NO_IMAGE = "No image was produced: assign the output image to `result`."
 
 
 @dataclass
@@ -58,16 +76,34 @@ class _Episode:
 
 
 def _shown_copy(image: Image.Image, max_pixels: int) -> Image.Image:
-    """The copy the model sees: RGB, downscaled (aspect kept) to at most `max_pixels`."""
+    """The copy the model sees: RGB, downscaled (aspect kept) to at most `max_pixels`.
+
+    Always a copy: the episode's own images stay private (the sandbox keeps their pixels)."""
     rgb = image.convert("RGB")
     w, h = rgb.size
     if w * h <= max_pixels:
         return rgb
     scale = math.sqrt(max_pixels / (w * h))
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    while size[0] * size[1] > max_pixels:  # rounding guard
-        size = (max(1, size[0] - 1), max(1, size[1] - 1))
+    if size[0] * size[1] > max_pixels:  # an extreme aspect: one side was held at 1 pixel
+        size = (1, max_pixels) if size[0] == 1 else (max_pixels, 1)
     return rgb.resize(size, Image.Resampling.BICUBIC)
+
+
+def _printed(stdout: Any) -> str:
+    """The printed output shown to the model: at most MAX_STDOUT_CHARS, a cut marked as such."""
+    text = stdout if isinstance(stdout, str) else ""
+    if len(text) > MAX_STDOUT_CHARS:
+        cut = len(text) - MAX_STDOUT_CHARS
+        text = text[:MAX_STDOUT_CHARS] + f"\n…[printed output cut here: {cut:,} more characters not shown]"
+    return text
+
+
+def _action_chars(action: str | dict) -> int:
+    """The length of an action's text: the string, or the string values of a dict action."""
+    if isinstance(action, str):
+        return len(action)
+    return sum(len(value) for value in action.values() if isinstance(value, str))
 
 
 class CodeVisionEnv(gym.Env):
@@ -86,6 +122,8 @@ class CodeVisionEnv(gym.Env):
             (code always runs on full resolution and the observation states the true size).
         max_images_per_observation: bound of the observation space's image list.
         max_text_chars: bound of the observation's text.
+        max_action_chars: the longest turn `step` reads; a longer one is refused before any
+            parsing, with an observation saying so (it counts as a failed call).
         prompt: the prompt preset (`cv_env.protocol.PROMPTS`): "full" (the instructions plus the
             tool schema the chat template lists; the default) or "compact" (~5x fewer tokens).
             `tools` holds the preset's schemas for the renderer of the conversation.
@@ -114,6 +152,8 @@ class CodeVisionEnv(gym.Env):
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if max_action_chars < 1:
+            raise ValueError(f"max_action_chars must be >= 1, got {max_action_chars}")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.tasks = load_tasks(tasks, split=split)
@@ -138,9 +178,11 @@ class CodeVisionEnv(gym.Env):
             self.judge = LLMJudge.from_config(judge)
         self.render_mode = render_mode
         self.observation_space = observation_space(max_images_per_observation, self.max_pixels, self.max_text_chars)
-        self.action_space = text_space(max_action_chars)
+        self.max_action_chars = int(max_action_chars)
+        self.action_space = text_space(self.max_action_chars)
         self.messages: list[dict[str, Any]] = []
         self._episode: _Episode | None = None
+        self._closed = False
 
     # -- public views ---------------------------------------------------------------------------
 
@@ -165,6 +207,8 @@ class CodeVisionEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode. `options` may hold `{"task": Task}` or `{"index": i}` to pick one."""
+        if self._closed:
+            raise RuntimeError("reset() on a closed env: create a new one")
         super().reset(seed=seed)
         options = options or {}
         if "task" in options:
@@ -198,26 +242,31 @@ class CodeVisionEnv(gym.Env):
         return obs, info
 
     def step(self, action: str | dict):
-        episode = self._episode
-        if episode is None:
-            raise RuntimeError("step() before reset(): call reset() to start an episode")
-        if episode.done:
-            raise RuntimeError("step() after the episode ended: call reset() to start a new one")
-        turn = parse_action(action)  # TypeError / ValueError for malformed dict actions
-        text = action if isinstance(action, str) else (
-            f"<answer>{turn.answer}</answer>" if turn.kind == "answer" else render_tool_call(turn))
+        """Play one model turn (see the module docstring for what each kind of turn becomes)."""
+        episode = self._running_episode("step")
+        if not isinstance(action, (str, dict)):
+            parse_action(action)  # raises the TypeError that names the accepted actions
+        length = _action_chars(action)
+        refused = length > self.max_action_chars
+        if refused:  # not read at all: a looping model's megabytes cost nothing to refuse
+            turn = Turn("invalid", error=(
+                f"the turn is {length:,} characters long, over the limit of {self.max_action_chars:,}, "
+                "so it was not read. Write a shorter turn: one tool call or an <answer>."))
+        else:
+            turn = parse_action(action)
+        text = action_text(action, turn)
         episode.assistant_turns.append(text)
-        self.messages.append(_assistant_message(action, turn))
+        self.messages.append(_assistant_message(action, turn, text))
         n_turns = len(episode.assistant_turns)
         info: dict[str, Any] = {"turn": n_turns, "task_id": episode.task.id, "category": episode.task.category}
 
         if turn.kind == "answer":
             return self._finish(turn.answer, info, terminated=True, obs=None)
-        if turn.kind == "invalid" and not _looks_like_tool_call(text):
+        if turn.kind == "invalid" and not refused and isinstance(action, str) and not _looks_like_tool_call(action):
             # Neither a tool call nor an answer: the episode ends; the answer is taken from the
             # text by fallback rules and the format reward is 0.
             # (The format term is 0 by its own rule: the turn has no <answer>.)
-            return self._finish(extract_answer(text), info, terminated=True, obs=None)
+            return self._finish(extract_answer(action), info, terminated=True, obs=None)
 
         obs, ok = self._run_tool(turn, info)
         if n_turns >= self.max_turns:  # the final step pays all that is left, this call included
@@ -233,11 +282,7 @@ class CodeVisionEnv(gym.Env):
         out): pays what earlier steps did not (outcome and episode terms) and returns
         `(reward, info)` with `info["reward_components"]`, like a final `step`.
         """
-        episode = self._episode
-        if episode is None:
-            raise RuntimeError("truncate() before reset(): there is no episode to end")
-        if episode.done:
-            raise RuntimeError("truncate() after the episode ended: call reset() to start a new one")
+        episode = self._running_episode("truncate")
         info: dict[str, Any] = {"turn": len(episode.assistant_turns), "task_id": episode.task.id,
                                 "category": episode.task.category}
         _, reward, _, _, info = self._finish(None, info, terminated=False, obs=None)
@@ -258,75 +303,101 @@ class CodeVisionEnv(gym.Env):
         return "\n".join(lines)
 
     def close(self) -> None:
+        """Close the env (and its sandbox, when it made its own). Safe to call twice."""
+        self._closed = True
         if self._owns_sandbox and self.sandbox is not None:
             self.sandbox.close()
         super().close()
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _running_episode(self, method: str) -> _Episode:
+        """The episode a `step`/`truncate` call acts on; a clear error for every misuse."""
+        if self._closed:
+            raise RuntimeError(f"{method}() on a closed env: create a new one")
+        episode = self._episode
+        if episode is None:
+            raise RuntimeError(f"{method}() before reset(): call reset() to start an episode")
+        if episode.done:
+            raise RuntimeError(f"{method}() after the episode ended: call reset() to start a new one")
+        return episode
+
     def _run_tool(self, turn: Turn, info: dict) -> tuple[dict, bool]:
-        """Run one tool call; return the tool observation and whether the execution succeeded."""
+        """Run one tool call; return the tool observation and whether the execution succeeded.
+
+        What the sandbox reports is checked before it is used: only a PIL image is an output
+        image, only well-formed ops count, and printed output is cut (marked) and sanitised.
+        """
         episode = self._episode
         episode.n_calls += 1
         n_images = len(episode.images)
-        notes = list(turn.notes)
-        new_image: Image.Image | None = None
+        lines: list[str] = []
+        new_image = shown = None
         if turn.kind == "invalid":
-            ok, message = False, f"Error: {turn.error}"
+            ok = False
+            lines.append(f"Error: {turn.error}")
         elif not 0 <= turn.image_index < n_images:
-            ok, message = False, (
-                f"Error: image_index {turn.image_index} is out of range: this episode has images 0..{n_images - 1}."
-            )
+            ok = False
+            lines.append(f"Error: image_index {turn.image_index} is out of range: this episode has images "
+                         f"0..{n_images - 1}.")
         else:
             result = self.sandbox.run(turn.code, [item.image for item in episode.images], image_index=turn.image_index)
-            ok = bool(result.ok)
-            info["tool_elapsed_s"] = result.elapsed_s
-            if ok:
-                new_image = result.image
-                self._record_success(result)
-                index = len(episode.images) - 1
-                w, h = new_image.size
-                message = f"Image {index} created: {w}x{h} pixels."
-                info["ops"] = [op["name"] for op in result.ops]
+            ok = result.ok is True
+            elapsed = result.elapsed_s
+            info["tool_elapsed_s"] = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
+            if ok and isinstance(result.image, Image.Image) and min(result.image.size) >= 1:
+                new_image, shown = result.image, _shown_copy(result.image, self.max_pixels)
+                info["ops"] = [op["name"] for op in self._record_success(result)]
+                (w, h), size = new_image.size, shown.size
+                note = f" (shown at {size[0]}x{size[1]}; coordinates refer to the full size)" if size != (w, h) else ""
+                lines.append(f"Image {len(episode.images) - 1} created: {w}x{h} pixels{note}.")
             else:
-                message = f"Error: {result.error}"
-            if result.stdout:
-                message += "\nPrinted output:\n" + result.stdout[:MAX_STDOUT_CHARS]
+                info["ops"] = []
+            printed = _printed(result.stdout)
+            if not ok:
+                lines.append(f"Error: {result.error or 'the code failed'}")
+            elif new_image is None and not printed:
+                lines.append(NO_IMAGE)
+            if printed:
+                lines.append("Printed output:\n" + printed)
         if not ok:
             episode.n_failed += 1
         info["tool_ok"] = ok
-        if notes:
-            message += "\nNote: " + " ".join(notes)
+        if turn.notes:
+            lines.append("Note: " + " ".join(turn.notes))
+        message = sanitize_text("\n".join(lines), self.max_text_chars)
         content: list[dict] = []
         shown_images: tuple = ()
-        if new_image is not None:
-            shown = _shown_copy(new_image, self.max_pixels)
-            if shown.size != new_image.size:
-                message += f" (shown at {shown.width}x{shown.height}; coordinates refer to the full size)"
+        if shown is not None:
             content.append({"type": "image", "image": shown})
             shown_images = (np.asarray(shown),)
-        message = sanitize_text(message, self.max_text_chars)
         content.append({"type": "text", "text": message})
         self.messages.append({"role": "tool", "name": TOOL_NAME, "content": content})
         return {"role": "tool", "text": message, "images": shown_images}, ok
 
-    def _record_success(self, result) -> None:
-        """Add the output image with its frame, and collect ops and crop boxes in image 0's frame."""
+    def _record_success(self, result) -> list[dict]:
+        """Add the output image with its frame, collect ops and crop boxes in image 0's frame;
+        return the ops that counted (well-formed ones only: the sandbox's report is checked)."""
         episode = self._episode
+        image = result.image
         source = result.source_index
+        parent = None
+        if isinstance(source, int) and not isinstance(source, bool) and 0 <= source < len(episode.images):
+            parent = episode.images[source]
         root, frame = None, None
-        if source is not None and result.frame is not None and 0 <= source < len(episode.images):
-            parent = episode.images[source]
-            if parent.frame is not None:
-                root, frame = parent.root, parent.frame.then(result.frame)
-        episode.images.append(_EpisodeImage(result.image, root, frame))
-        for op in result.ops:
+        if (parent is not None and parent.frame is not None and isinstance(result.frame, Frame)
+                and tuple(result.frame.size) == image.size and tuple(result.frame.source_size) == parent.image.size):
+            root, frame = parent.root, parent.frame.then(result.frame)
+        episode.images.append(_EpisodeImage(image, root, frame))
+        ops = [op for op in (result.ops if isinstance(result.ops, list) else [])
+               if isinstance(op, dict) and isinstance(op.get("name"), str)]
+        for op in ops:
             episode.used_ops.add(op["name"])
-            if op["name"] != "crop" or "source_box" not in op or source is None:
-                continue
-            parent = episode.images[source]
-            if parent.root == 0 and parent.frame is not None:  # bbox is given on image 0
-                episode.crop_boxes.append(parent.frame.box_to_source(op["source_box"]))
+            box = _finite_box(op.get("source_box"))
+            if op["name"] == "crop" and box is not None and parent is not None and parent.root == 0 \
+                    and parent.frame is not None:  # bbox is given on image 0
+                episode.crop_boxes.append(parent.frame.box_to_source(box))
+        return ops
 
     def _finish(self, answer: str | None, info: dict, *, terminated: bool, obs: dict | None):
         episode = self._episode
@@ -381,13 +452,20 @@ def _looks_like_tool_call(text: str) -> bool:
     return "<tool_call>" in text or "```" in text
 
 
-def _assistant_message(action: str | dict, turn: Turn) -> dict[str, Any]:
+def _finite_box(box: Any) -> list[float] | None:
+    """`box` as [x1, y1, x2, y2] of finite numbers, or None when it is anything else."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    return [float(v) for v in box]
+
+
+def _assistant_message(action: str | dict, turn: Turn, text: str) -> dict[str, Any]:
     """The conversation entry for a turn: the raw text for string actions (token-exact view);
-    a structured `tool_calls` entry for dict actions, so any chat template can render it."""
-    if isinstance(action, str):
-        return {"role": "assistant", "content": action}
-    if turn.kind == "answer":
-        return {"role": "assistant", "content": f"<answer>{turn.answer}</answer>"}
+    a structured `tool_calls` entry for dict tool calls, so any chat template can render it."""
+    if isinstance(action, str) or turn.kind != "tool_call":
+        return {"role": "assistant", "content": text}
     arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
     return {"role": "assistant", "content": "",
             "tool_calls": [{"type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}]}

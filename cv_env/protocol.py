@@ -6,8 +6,9 @@ A model's turn is a string: `<think>…</think>` then either one Hermes-style to
 
 (arguments as an object or as a JSON string; a fenced ```python block is accepted too) or a
 final `<answer>…</answer>`. `parse_turn` turns it into a `Turn`; it never raises on model
-output: what it cannot use becomes a `Turn` of kind "invalid" whose `error` the model reads.
-Programmatic agents may pass a dict instead (`parse_action`).
+output, and its time is linear in the turn's length: what it cannot use becomes a `Turn` of
+kind "invalid" whose `error` the model reads. Programmatic agents may pass a dict instead
+(`parse_action`); what is inside the dict counts as model output too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from cv_env.tags import blocks
 
 TOOL_NAME = "code_image_tool"
 
@@ -105,10 +108,11 @@ def thinking_prompt(name: str) -> str:
 
 
 # Fenced code: ```python ... ``` (or ```py / bare ```), the form that needs no JSON escaping.
+# Linear: each opening fence but the last closes the block before it, so at most one lazy scan
+# runs on to the end of the text (unlike `<answer>` tags, where every opening tag can).
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _IMAGE_INDEX_HINT = re.compile(r"image_index\s*[=:]\s*(\d+)")
+_MAX_IMAGE_INDEX = 10**9
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,24 @@ def _loads_lenient(text: str) -> Any:
     return json.loads(text, strict=False)
 
 
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """What was wrong with a JSON text, in words (the decoder's message and position when it has one)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return str(exc)[:200]  # e.g. an integer with more digits than Python converts
+
+
+def preview(value: Any, limit: int = 60) -> str:
+    """A short repr of a model-supplied value for a message; never raises, whatever the value."""
+    try:
+        text = repr(value)
+    except Exception:  # an int past Python's digit limit, a nesting too deep, a failing __repr__
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _arguments_from_call(payload: str) -> tuple[dict | None, str]:
     """Parse the body of one <tool_call> block into its arguments, or explain the problem."""
     body = payload.strip()
@@ -141,11 +163,11 @@ def _arguments_from_call(payload: str) -> tuple[dict | None, str]:
         return {"code": fenced.group(1)}, ""
     try:
         call = _loads_lenient(body)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         if fenced:
             return {"code": fenced.group(1)}, ""
         return None, (
-            f"the tool call is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}). "
+            f"the tool call is not valid JSON ({_json_problem(exc)}). "
             'Write {"name": "code_image_tool", "arguments": {"code": "...", "image_index": 0}}, '
             "or put the code in a ```python block."
         )
@@ -153,46 +175,60 @@ def _arguments_from_call(payload: str) -> tuple[dict | None, str]:
         return None, "the tool call must be a JSON object with \"name\" and \"arguments\"."
     name = call.get("name", TOOL_NAME)
     if name != TOOL_NAME:
-        return None, f"unknown tool {name!r}: the only tool is {TOOL_NAME!r}."
+        return None, f"unknown tool {preview(name)}: the only tool is {TOOL_NAME!r}."
     arguments = call.get("arguments", call.get("parameters", {}))
     if isinstance(arguments, str):
         try:
             arguments = _loads_lenient(arguments)
-        except json.JSONDecodeError as exc:
-            return None, f"the tool call's \"arguments\" string is not valid JSON ({exc.msg})."
+        except (ValueError, RecursionError) as exc:
+            return None, f"the tool call's \"arguments\" string is not valid JSON ({_json_problem(exc)})."
     if not isinstance(arguments, dict):
         return None, "the tool call's \"arguments\" must be an object with \"code\"."
     return arguments, ""
+
+
+def _image_index(value: Any) -> int | None:
+    """The image index a model wrote (an int, or a string of ASCII digits), or None when it is
+    none or absurdly large (no episode has a billion images)."""
+    if isinstance(value, str):
+        value = value.strip()
+        # isascii: "²" and other Unicode digits pass isdigit() but are no numbers for int()
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_IMAGE_INDEX:
+        return None
+    return int(value)
 
 
 def _turn_from_arguments(arguments: dict, notes: tuple[str, ...] = ()) -> Turn:
     code = arguments.get("code")
     if not isinstance(code, str) or not code.strip():
         return Turn("invalid", error="the tool call has no \"code\" string to run.", notes=notes)
-    index = arguments.get("image_index", 0)
-    if isinstance(index, str) and index.strip().isdigit():
-        index = int(index)
-    if isinstance(index, bool) or not isinstance(index, int):
-        return Turn("invalid", error=f"\"image_index\" must be an integer, got {index!r}.", notes=notes)
+    raw_index = arguments.get("image_index", 0)
+    index = _image_index(raw_index)
+    if index is None:
+        return Turn("invalid", notes=notes, error=(
+            f"\"image_index\" must be an integer: the number of an image (0 for the first), got {preview(raw_index)}."))
     description = arguments.get("description", "")
     return Turn("tool_call", code=code, image_index=index,
-                description=description if isinstance(description, str) else str(description), notes=notes)
+                description=description if isinstance(description, str) else preview(description, 500), notes=notes)
 
 
 def parse_turn(text: str) -> Turn:
     """Parse a model turn (see the module docstring). Never raises on model output."""
-    calls = _TOOL_CALL.findall(text)
+    calls = blocks(text, "tool_call", open_ended=True)
+    answers = blocks(text, "answer")
     if calls:
         notes: list[str] = []
         if len(calls) > 1:
             notes.append(f"only one tool call runs per turn: the first ran, the other {len(calls) - 1} did not.")
-        if _ANSWER.search(text):
+        if answers:
             notes.append("an <answer> in the same turn as a tool call is ignored: answer after you see the result.")
         arguments, error = _arguments_from_call(calls[0])
         if arguments is None:
             return Turn("invalid", error=error, notes=tuple(notes))
         return _turn_from_arguments(arguments, tuple(notes))
-    answers = _ANSWER.findall(text)
     if answers:
         return Turn("answer", answer=answers[-1].strip())
     fenced = _FENCE.findall(text)
@@ -200,37 +236,68 @@ def parse_turn(text: str) -> Turn:
         notes = ()
         if len(fenced) > 1:
             notes = (f"only one code block runs per turn: the first ran, the other {len(fenced) - 1} did not.",)
-        hint = _IMAGE_INDEX_HINT.search(text.split("```")[0])
-        return _turn_from_arguments({"code": fenced[0], "image_index": int(hint.group(1)) if hint else 0}, notes)
+        hint = _IMAGE_INDEX_HINT.search(text.split("```", 1)[0])
+        return _turn_from_arguments({"code": fenced[0], "image_index": hint.group(1) if hint else 0}, notes)
     return Turn("invalid", error="the turn has neither a tool call nor an <answer>.")
+
+
+ACTION_KEYS = ("code", "image_index", "description", "answer")
 
 
 def parse_action(action: Any) -> Turn:
     """Turn an env action (a model's string, or a dict from a programmatic agent) into a `Turn`.
 
-    Raises TypeError/ValueError for actions that are not a str or a well-formed dict: those
-    are programming errors of the caller, not model mistakes.
+    Only an action that is neither a str nor a dict raises (TypeError: a programming error of
+    the caller). Everything inside a dict is taken as model output, since agents pass a model's
+    function-call arguments on as they come: `{"code": ...}` (with optional `image_index` and
+    `description`) is a tool call, `{"answer": ...}` an answer (any value, read as text); keys
+    outside `ACTION_KEYS` are ignored with a note, an `answer` next to `code` is ignored as in
+    a string turn, and a dict with neither is an invalid turn whose error names its keys.
     """
     if isinstance(action, str):
         return parse_turn(action)
-    if isinstance(action, dict):
+    if not isinstance(action, dict):
+        raise TypeError(
+            f"action must be a str (the model's turn) or a dict ({{'code': ...}} or {{'answer': ...}}), "
+            f"got {type(action).__name__}"
+        )
+    unknown = [key for key in action if key not in ACTION_KEYS]
+    notes = []
+    if unknown:
+        notes.append(f"unknown key(s) ignored: {preview(unknown, 200)}; an action has {', '.join(ACTION_KEYS)}.")
+    if "code" in action:
         if "answer" in action:
-            extra = set(action) - {"answer"}
-            if extra:
-                raise ValueError(f"an answer action has only the key 'answer', got extra keys {sorted(extra)}")
-            return Turn("answer", answer=str(action["answer"]).strip())
-        if "code" in action:
-            extra = set(action) - {"code", "image_index", "description"}
-            if extra:
-                raise ValueError(
-                    f"a tool action has keys 'code', 'image_index', 'description'; got extra keys {sorted(extra)}"
-                )
-            return _turn_from_arguments(dict(action))
-        raise ValueError(f"a dict action needs 'code' or 'answer', got keys {sorted(action)}")
-    raise TypeError(
-        f"action must be a str (the model's turn) or a dict ({{'code': ...}} or {{'answer': ...}}), "
-        f"got {type(action).__name__}"
-    )
+            notes.append("an 'answer' in the same action as 'code' is ignored: answer after you see the result.")
+        return _turn_from_arguments(action, tuple(notes))
+    if "answer" in action:
+        return Turn("answer", answer=_as_text(action["answer"]).strip(), notes=tuple(notes))
+    return Turn("invalid", notes=tuple(notes), error=(
+        f"the action has neither 'code' (a tool call) nor 'answer', got key(s) {preview(list(action), 200)}. "
+        "Send {'code': ..., 'image_index': 0} or {'answer': ...}."))
+
+
+def _as_text(value: Any) -> str:
+    """A dict action's answer as text: strings as they are, anything else by str() (never raises)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception:  # an int past Python's digit limit, a failing __str__
+        return ""
+
+
+def action_text(action: str | dict, turn: Turn | None = None) -> str:
+    """The assistant turn an action stands for, as text: a string as it is; a dict as the
+    `<answer>` or the tool call it asks for, or (when it asks for neither) its short repr.
+    turn: `parse_action(action)`, when the caller has it already."""
+    if isinstance(action, str):
+        return action
+    turn = parse_action(action) if turn is None else turn
+    if turn.kind == "answer":
+        return f"<answer>{turn.answer}</answer>"
+    if turn.kind == "tool_call":
+        return render_tool_call(turn)
+    return preview(action, 2000)
 
 
 def render_tool_call(turn: Turn) -> str:

@@ -27,6 +27,7 @@ describes and the release computes but drops (0.05 here, 0 in the `codevision_re
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -184,19 +185,18 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
 # -- the terms -----------------------------------------------------------------------------------
 
 
+_FORMAT_TAGS = re.compile(r"</?think>|<answer>")
+
+
 def _think_blocks_balanced(turn: str) -> tuple[bool, int]:
     """(balanced, depth at the end of the first <answer>) for one turn's <think> tags.
 
     Balanced means every <think> is closed before the next opens (no nesting) and every
     </think> closes an open one. The second value is -1 when the turn has no <answer>.
     """
-    depth, answer_depth, i = 0, -1, 0
-    while True:
-        positions = [(turn.find(tag, i), tag) for tag in ("<think>", "</think>", "<answer>")]
-        positions = [(p, tag) for p, tag in positions if p >= 0]
-        if not positions:
-            return depth == 0, answer_depth
-        p, tag = min(positions)
+    depth, answer_depth = 0, -1
+    for match in _FORMAT_TAGS.finditer(turn):  # one pass: linear in the turn's length
+        tag = match.group()
         if tag == "<think>":
             if depth:
                 return False, answer_depth
@@ -207,7 +207,7 @@ def _think_blocks_balanced(turn: str) -> tuple[bool, int]:
             depth = 0
         elif answer_depth < 0:
             answer_depth = depth
-        i = p + len(tag)
+    return depth == 0, answer_depth
 
 
 def format_reward(assistant_turns: Sequence[str]) -> float:

@@ -82,12 +82,22 @@ def test_dict_actions():
     assert parse_action({"answer": 42}).answer == "42"
     turn = parse_action({"code": "result = image", "image_index": 2})
     assert (turn.kind, turn.image_index) == ("tool_call", 2)
-    with pytest.raises(ValueError, match="extra keys"):
-        parse_action({"code": "x", "lang": "py"})
-    with pytest.raises(ValueError, match="needs 'code' or 'answer'"):
-        parse_action({"text": "hi"})
     with pytest.raises(TypeError, match="must be a str"):
         parse_action(3)
+
+
+def test_whatever_is_inside_a_dict_action_is_model_output_not_an_exception():
+    turn = parse_action({"code": "result = image", "lang": "py"})
+    assert turn.kind == "tool_call" and "unknown key(s) ignored: ['lang']" in turn.notes[0]
+    turn = parse_action({"text": "hi", 3: None})
+    assert turn.kind == "invalid" and "neither 'code' (a tool call) nor 'answer'" in turn.error
+    assert "'text'" in turn.error and "3" in turn.error
+    assert parse_action({"code": ["result = image"]}).kind == "invalid"
+    turn = parse_action({"code": "result = image", "image_index": 10**5000})  # past int -> str's digit limit
+    assert turn.kind == "invalid" and "must be an integer" in turn.error
+    assert parse_action({"answer": 10**5000}).kind == "answer"
+    turn = parse_action({"code": "result = image", "answer": "B"})
+    assert turn.kind == "tool_call" and any("'answer'" in note for note in turn.notes)
 
 
 def test_rendered_tool_call_parses_back():

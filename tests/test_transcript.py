@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 
 import cv_env  # noqa: F401
-from agents.scripted import OracleAgent, RandomAgent, answer_turn, tool_call_turn
+from agents.scripted import OracleAgent, RandomAgent, ScriptAgent, answer_turn, tool_call_turn
 from agents.transcript import play_transcript, read_transcripts, write_transcripts
 from cv_env.sandbox import Sandbox
 from cv_env.tasks import RobustnessWrapper, load_tasks
@@ -22,19 +22,6 @@ def sandbox():
 def variants():
     wrapped = RobustnessWrapper(load_tasks("orientation_ocr,tiny_ocr", split="test"))
     return [wrapped[i] for i in range(12)]
-
-
-class _Script:
-    """A scripted agent that plays fixed turns (to exercise failures and malformed turns)."""
-
-    def __init__(self, turns):
-        self.turns = list(turns)
-
-    def reset(self, task):
-        pass
-
-    def act(self, observation=None):
-        return self.turns.pop(0)
 
 
 def test_oracle_transcript_records_every_turn(sandbox, variants):
@@ -56,7 +43,7 @@ def test_oracle_transcript_records_every_turn(sandbox, variants):
 
 def test_failed_and_malformed_turns_are_data(sandbox, variants):
     env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, max_turns=4, disable_env_checker=True)
-    script = _Script([
+    script = ScriptAgent([
         tool_call_turn("result = undefined_name", thought="try"),
         '<tool_call>{"name": "code_image_tool", "arguments": {"code": </tool_call>',
         answer_turn("nope"),
@@ -72,7 +59,7 @@ def test_failed_and_malformed_turns_are_data(sandbox, variants):
 
 def test_turn_limit_marks_truncation(sandbox, variants):
     env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, max_turns=2, disable_env_checker=True)
-    t = play_transcript(env, _Script([tool_call_turn("result = image")] * 2), variants[0], seed=0)
+    t = play_transcript(env, ScriptAgent([tool_call_turn("result = image")] * 2), variants[0], seed=0)
     assert t.truncated and t.truncation == "max_turns" and t.answer is None and t.num_turns == 2
 
 

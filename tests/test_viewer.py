@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import cv_env  # noqa: F401
-from agents.scripted import OracleAgent, tool_call_turn
+from agents.scripted import OracleAgent, ScriptAgent, tool_call_turn
 from agents.transcript import play_transcript, write_transcripts
 from agents.viewer import load_episodes, main, render_html, thumbnail_data_uri, write_html
 from cv_env.sandbox import Sandbox
@@ -24,17 +24,6 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 HOSTILE = "<script>document.title='pwned'</script>"
 
 
-class _Script:
-    def __init__(self, turns):
-        self.turns = list(turns)
-
-    def reset(self, task):
-        pass
-
-    def act(self, observation=None):
-        return self.turns.pop(0)
-
-
 @pytest.fixture(scope="module")
 def episodes():
     """Real episodes: the oracle on two tasks, and a failing, hostile-text episode."""
@@ -42,7 +31,7 @@ def episodes():
     with Sandbox(workers=2) as sandbox:
         env = gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, max_turns=4, disable_env_checker=True)
         good = [play_transcript(env, OracleAgent(), tasks[i], seed=i, agent_name="oracle") for i in range(2)]
-        bad = play_transcript(env, _Script([
+        bad = play_transcript(env, ScriptAgent([
             tool_call_turn("result = undefined_name", thought=f"thinking {HOSTILE}"),
             "no tags at all " + HOSTILE,
         ]), tasks[1], seed=0, agent_name="script")
