@@ -36,7 +36,9 @@ SANDBOX = ["pyseccomp>=0.1.2"]  # the seccomp layer of the sandbox (needs the sy
 TEST = ["pytest>=8", "pytest-timeout>=2.3"] + SANDBOX
 
 CONF_PACKAGES = ["algos.conf"] + [
-    "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
+    "algos.conf." + ".".join(p.relative_to(HERE / "conf").parts)
+    for p in sorted((HERE / "conf").rglob("*"))
+    if p.is_dir() and not any(part.startswith((".", "_")) for part in p.relative_to(HERE / "conf").parts)
 ]
 
 setup(

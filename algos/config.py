@@ -12,7 +12,7 @@ Two ways in:
 
     cfg = load_config(["+exp=tiny", "algo.lr=1e-5"])          # tests, notebooks, scripts
 
-    @hydra_main("grpo")                                         # entry points:
+    @hydra_main("grpo")                                         # entry points (algos.cli):
     def main(cfg: GRPOConfig) -> None: ...                      #   python -m algos.grpo +exp=tiny
 
 Batch sizes follow verl's convention, which the CodeVision release uses: `rollout.prompts_per_step`
@@ -23,11 +23,11 @@ and `algo.mini_batch_size` count prompts (groups of `rollout.n` trajectories), w
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -51,11 +51,16 @@ __all__ = [
     "SCHEDULERS",
     "DTYPES",
     "WANDB_MODES",
+    "ConfigError",
     "conf_dir",
     "load_config",
     "to_config",
     "config_to_dict",
-    "hydra_main",
+    "closest_key",
+    "require",
+    "require_choice",
+    "config_keys",
+    "unknown_key_message",
     "register_configs",
 ]
 
@@ -65,6 +70,12 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "grpo_schema"
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change: an unknown key, a value out of range, a path that
+    does not exist, a run folder whose checkpoint disagrees. The entry points print its message
+    alone, without a traceback (`algos.cli`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,57 +267,59 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise `ConfigError("config <key>: <message>")` unless `ok` (the value checks of every schema)."""
     if not ok:
-        raise ValueError(f"config {key}: {message}")
+        raise ConfigError(f"config {key}: {message}")
 
 
-def _choice(value: str, choices: Sequence[str], key: str) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+def require_choice(value: str, choices: Sequence[str], key: str) -> None:
+    """`require` that `value` is one of `choices`, listing them."""
+    require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def _validate(cfg: GRPOConfig) -> None:
     m, e, r, a, t, lg = cfg.model, cfg.env, cfg.rollout, cfg.algo, cfg.trainer, cfg.logger
-    _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
-    _choice(m.dtype, DTYPES, "model.dtype")
+    require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
+    require_choice(m.dtype, DTYPES, "model.dtype")
     if m.lora.enabled:
-        _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
-        _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
-        _require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
-        _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
+        require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
+        require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+        require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
+        require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
 
-    _require(
+    require(
         e.tasks is not None and bool(e.tasks.strip()),
         "env.tasks",
         "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet",
     )
-    _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
-    _choice(e.prompt, tuple(PROMPTS), "env.prompt")
-    _require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
-    _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
-    _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
-    _require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
+    require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    require_choice(e.prompt, tuple(PROMPTS), "env.prompt")
+    require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
+    require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
+    require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
+    require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
 
-    _choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    _require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
-    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
-    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
-    _require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
-    _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
-    _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
-    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-    _require(
+    require_choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
+    require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
+    require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
+    require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
+    require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    require(
         r.max_total_tokens >= r.max_new_tokens,
         "rollout.max_total_tokens",
         f"{r.max_total_tokens} must be >= rollout.max_new_tokens ({r.max_new_tokens})",
     )
-    _require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
-    _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
+    require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
 
-    _choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
-    _require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
-    _require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
-    _require(
+    require_choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
+    require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
+    require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
+    require(
         a.clip_ratio_c is None or a.clip_ratio_c > 1.0,
         "algo.clip_ratio_c",
         f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}",
@@ -315,56 +328,56 @@ def _validate(cfg: GRPOConfig) -> None:
     # the torch-free `algos.eval_config` builds on) never imports torch.
     from algos.losses import AGG_MODES, KL_KINDS
 
-    _choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
-    _require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
-    _choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
-    _require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
-    _require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
-    _require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
-    _require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
-    _require(
+    require_choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
+    require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
+    require_choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
+    require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
+    require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
+    require(
         r.prompts_per_step % a.mini_batch_size == 0,
         "algo.mini_batch_size",
         f"{a.mini_batch_size} prompts must divide rollout.prompts_per_step ({r.prompts_per_step})",
     )
     trajectories_per_mini_batch = a.mini_batch_size * r.n
-    _require(
+    require(
         trajectories_per_mini_batch % a.micro_batch_size == 0,
         "algo.micro_batch_size",
         f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
         f"{trajectories_per_mini_batch} trajectories",
     )
-    _require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
-    _require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
-    _require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
-    _require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
-    _require(
+    require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
+    require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
+    require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
+    require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
+    require(
         len(a.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in a.adam_betas),
         "algo.adam_betas",
         f"must be two numbers in [0, 1), got {list(a.adam_betas)}",
     )
-    _choice(a.scheduler, SCHEDULERS, "algo.scheduler")
+    require_choice(a.scheduler, SCHEDULERS, "algo.scheduler")
 
-    _require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
+    require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
     for key in ("val_every", "save_every", "sample_table_every"):
         value = getattr(t, key)
-        _require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
-    _require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
-    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
-    _require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
-    _require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
-    _require(
+        require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
+    require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
+    require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
+    require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
+    require(
         t.resume in ("auto", "never") or bool(t.resume.strip()),
         "trainer.resume",
         "must be 'auto', 'never' or a checkpoint path",
     )
 
-    _choice(lg.mode, WANDB_MODES, "logger.mode")
+    require_choice(lg.mode, WANDB_MODES, "logger.mode")
 
     try:
         RewardConfig.from_dict(dict(cfg.reward))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"config reward: {err}") from err
+        raise ConfigError(f"config reward: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,9 +413,52 @@ def conf_dir() -> Path:
     )
 
 
-def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+def closest_key(key: str, known: Iterable[str]) -> str | None:
+    """The valid dotted key a misspelt or incomplete `key` most likely meant, or None.
+
+    A key whose last part names exactly one valid key's last part gets that key (`output_dir`
+    -> `trainer.output_dir`); otherwise the closest spelling (`trainer.totl_steps` ->
+    `trainer.total_steps`), compared over whole keys, then over last parts.
+    """
+    known = sorted(set(known))
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    whole = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if whole:
+        return whole[0]
+    by_leaf = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return by_leaf[leaves[0]] if leaves else None
+
+
+def unknown_key_message(key: str, known: Iterable[str], command: str = "") -> str:
+    """`config <key>: unknown key; did you mean <closest>?` plus where every valid key is listed."""
+    suggestion = closest_key(key, known)
+    hint = f"did you mean {suggestion}?" if suggestion else "check the spelling"
+    listing = f"`{command} --cfg job` prints every key" if command else "the schema in algos/*config.py lists every key"
+    return f"config {key}: unknown key; {hint} ({listing})"
+
+
+def config_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config down to its values (`trainer.total_steps`, `reward.alpha`)."""
+    keys = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() and len(child):
+            keys.extend(config_keys(child, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "", root: DictConfig | None = None) -> None:
     # Struct mode stops `algo.lrr=1`, but Hydra's `+algo.lrr=1` ("append") opens the node, and
     # OmegaConf.to_object would then silently drop the key: refuse it here instead.
+    root = node if root is None else root
     schema = OmegaConf.get_type(node)
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         return
@@ -410,20 +466,18 @@ def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     for key in node.keys():
         full_key = f"{prefix}{key}"
         if key not in known:
-            raise ValueError(
-                f"config {full_key}: unknown key; {schema.__name__} has {', '.join(sorted(known))} "
-                "(check the spelling, or add the field to the schema in algos/config.py)"
-            )
+            valid = [k for k in config_keys(root) if k != full_key and not k.startswith(full_key + ".")]
+            raise ConfigError(unknown_key_message(full_key, valid))
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            _reject_unknown_keys(child, f"{full_key}.")
+            _reject_unknown_keys(child, f"{full_key}.", root)
 
 
 def to_config(cfg: DictConfig) -> Any:
     """Turn a composed `DictConfig` into its schema's dataclass (runs the value checks).
 
     Raises:
-        ValueError: a key the schema does not know (even one added with Hydra's `+key=`), or a
+        ConfigError: a key the schema does not know (even one added with Hydra's `+key=`), or a
             value out of range.
     """
     _reject_unknown_keys(cfg)
@@ -440,7 +494,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "grpo") -> GRP
     Raises:
         hydra.errors.ConfigCompositionException: unknown keys, wrong types or missing groups
             (the message names the key).
-        ValueError: a value out of range (`config algo.clip_ratio_low: must lie in [0, 1), ...`).
+        ConfigError: a value out of range (`config algo.clip_ratio_low: must lie in [0, 1), ...`).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -464,33 +518,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     raise TypeError(f"expected a config dataclass or DictConfig, got {type(cfg).__name__}")
-
-
-def hydra_main(config_name: str = "grpo") -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
-    """Decorator for an entry point that takes the typed config.
-
-        @hydra_main("grpo")
-        def main(cfg: GRPOConfig) -> None: ...
-
-        if __name__ == "__main__":
-            main()                      # python -m algos.grpo +exp=tiny algo.lr=1e-5
-
-    Hydra parses the command line (`--help`, `--cfg job`, overrides), composes
-    `conf/<config_name>.yaml` in struct mode, writes the composed config under
-    `<trainer.output_dir>/.hydra/`, and the function receives the validated dataclass.
-    """
-
-    def decorator(task: Callable[[Any], Any]) -> Callable[[], Any]:
-        import hydra
-
-        @functools.wraps(task)
-        def entry() -> Any:
-            @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
-            def _composed(cfg: DictConfig) -> Any:
-                return task(to_config(cfg))
-
-            return _composed()
-
-        return entry
-
-    return decorator

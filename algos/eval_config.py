@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 
-from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config, to_config
+from algos.config import (WANDB_MODES, ConfigError, LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config,
+                          require, require_choice)
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
-__all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config",
-           "to_eval_config"]
+__all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config"]
 
 SCRIPTED_AGENTS = ("oracle", "random")
 SCHEMA_NAME = "evaluate_schema"
@@ -84,10 +83,6 @@ class EvalConfig:
     reward: dict[str, Any] = field(default_factory=default_reward)
 
     def __post_init__(self) -> None:
-        def require(ok: bool, key: str, message: str) -> None:
-            if not ok:
-                raise ValueError(f"config {key}: {message}")
-
         require(bool(self.model.path.strip()), "model.path",
                 "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
         require(self.checkpoint is None or not self.model.scripted, "checkpoint",
@@ -112,13 +107,12 @@ class EvalConfig:
         require(self.prompt in PROMPTS, "prompt", f"must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         require(self.cases >= 0, "cases", f"must be >= 0 (0 = no viewer pages), got {self.cases}")
         require(self.sandbox.workers >= 0, "sandbox.workers", f"must be >= 0 (0 = one per core), got {self.sandbox.workers}")
-        require(self.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
-                f"{self.logger.mode!r} is not one of auto, online, offline, disabled")
+        require_choice(self.logger.mode, WANDB_MODES, "logger.mode")
         require(bool(self.output_dir.strip()), "output_dir", "is empty")
         try:
             RewardConfig.from_dict(dict(self.reward))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"config reward: {err}") from err
+            raise ConfigError(f"config reward: {err}") from err
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig.from_dict(dict(self.reward))
@@ -142,11 +136,6 @@ def normalize_overrides(overrides: Sequence[str]) -> list[str]:
             item = f"model.path={value}"
         out.append(item)
     return out
-
-
-def to_eval_config(cfg: DictConfig) -> EvalConfig:
-    """The composed DictConfig as a validated `EvalConfig` (unknown keys refused, as the trainers')."""
-    return to_config(cfg)
 
 
 def load_eval_config(overrides: Sequence[str] = ()) -> EvalConfig:

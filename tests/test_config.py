@@ -242,7 +242,8 @@ def test_wheel_ships_the_configs(tmp_path):
 
 ENTRY_POINT = """
 import json, sys
-from algos.config import GRPOConfig, hydra_main
+from algos.cli import hydra_main
+from algos.config import GRPOConfig
 
 @hydra_main("grpo")
 def main(cfg: GRPOConfig) -> None:
@@ -275,3 +276,4 @@ def test_hydra_main_entry_point(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
     assert typo.returncode != 0 and "algo.lrr" in typo.stderr and "RECEIVED" not in typo.stdout
+    assert "did you mean algo.lr?" in typo.stderr and "+algo.lrr" not in typo.stderr and "Traceback" not in typo.stderr
