@@ -61,7 +61,6 @@ def prepare_overrides(config_name: str, overrides: Sequence[str],
         ConfigError: an unknown key, naming the closest valid one.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -78,7 +77,8 @@ def prepare_overrides(config_name: str, overrides: Sequence[str],
     out = []
     for text, override, group in zip(overrides, parsed, in_group):
         key = override.key_or_group
-        if not group and not override.is_delete():
+        hydras_own = key.startswith("hydra.")  # hydra.run.dir=..., checked by Hydra itself
+        if not group and not hydras_own and not override.is_delete():
             if key == RUN_FOLDER_ALIAS and key not in known and f"trainer.{key}" in known:
                 text, key = f"trainer.{text.lstrip('+')}", f"trainer.{key}"
             if key not in known and key not in known_nodes:

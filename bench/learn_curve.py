@@ -78,12 +78,11 @@ def run_stage(name: str, args: list[str], log: Path, every_s: float = 60.0) -> f
                     process.wait(timeout=2)
                 except subprocess.TimeoutExpired:
                     pass
-                status = f"    {name}: {_last_progress(log)}"
                 if in_place:
                     width = shutil.get_terminal_size().columns - 1
-                    print("\r" + status[:width].ljust(width), end="", flush=True)
+                    print("\r" + f"    {_last_progress(log)}"[:width].ljust(width), end="", flush=True)
                 elif time.monotonic() - shown_at >= every_s:
-                    print(status, flush=True)
+                    print(f"    {name}: {_last_progress(log)}", flush=True)
                     shown_at = time.monotonic()
         finally:
             if process.poll() is None:  # interrupted: do not leave the stage running

@@ -52,8 +52,9 @@ def test_output_dir_means_the_run_folder_on_every_entry_point(tmp_path):
 
 
 def test_groups_and_specs_pass_through():
-    assert prepare_overrides("grpo", ["+exp=tiny", "model=tiny", "logger=local", "algo.lr=1e-5"]) == [
-        "+exp=tiny", "model=tiny", "logger=local", "algo.lr=1e-5"]
+    kept = ["+exp=tiny", "model=tiny", "logger=local", "algo.lr=1e-5", "algo.adam_betas=[0.9,0.99]",
+            "hydra.run.dir=/tmp/elsewhere", "hydra/job_logging=default", "~trainer.fsdp"]
+    assert prepare_overrides("grpo", kept) == kept
     assert prepare_overrides("evaluate", ["model=oracle", "n=4"], normalize_overrides) == ["model.path=oracle", "n=4"]
 
 

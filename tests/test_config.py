@@ -211,7 +211,8 @@ def test_wheel_ships_the_configs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("algos/conf/grpo.yaml", "algos/conf/__init__.py", "algos/config.py"):
+    for required in ("algos/conf/grpo.yaml", "algos/conf/__init__.py", "algos/config.py",
+                     "algos/conf/hydra/job_logging/codevision.yaml"):  # nested groups ship too
         assert required in names
     for exp in ("tiny", "qwen25vl", "qwen3vl"):
         assert f"algos/conf/exp/{exp}.yaml" in names
