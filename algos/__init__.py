@@ -8,5 +8,7 @@ from agents import _threads  # noqa: F401  (OpenMP wait policy, before torch loa
 _missing = [name for name in ("hydra", "omegaconf") if importlib.util.find_spec(name) is None]
 if _missing:
     raise ModuleNotFoundError(
-        f"algos needs {' and '.join(_missing)}, which come with the [train] extra: pip install -e '.[train]' "
-        "(the environment alone, cv_env and agents.scripted, needs none of it)", name=_missing[0])
+        f"algos (trainers and evaluation) needs the [train] extra, and {' and '.join(_missing)} "
+        f"{'is' if len(_missing) == 1 else 'are'} missing: "
+        "pip install -e '.[train]' (the environment alone, cv_env and agents.scripted, needs none of it)",
+        name=_missing[0])

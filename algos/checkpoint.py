@@ -251,16 +251,16 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                    free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, current value) of every key that differs between two nested
-    config dicts, sorted by key; keys at or under a `free` prefix are left out. A key present in
-    one only reads as None in the other."""
+    """(dotted key, saved value, current value) of every key whose value differs between two
+    nested config dicts, sorted by key; keys at or under a `free` prefix are left out, and so are
+    keys only one side has (a setting added to or dropped from the schema since the save)."""
     a, b = _flatten(saved), _flatten(current)
     changes = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) & set(b)):
         if any(key == f or key.startswith(f + ".") for f in free):
             continue
-        if a.get(key) != b.get(key):
-            changes.append((key, a.get(key), b.get(key)))
+        if a[key] != b[key]:
+            changes.append((key, a[key], b[key]))
     return changes
 
 

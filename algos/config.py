@@ -57,8 +57,6 @@ __all__ = [
     "to_config",
     "config_to_dict",
     "closest_key",
-    "require",
-    "require_choice",
     "config_keys",
     "unknown_key_message",
     "register_configs",
@@ -267,59 +265,57 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def require(ok: bool, key: str, message: str) -> None:
-    """Raise `ConfigError("config <key>: <message>")` unless `ok` (the value checks of every schema)."""
+def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config {key}: {message}")
 
 
-def require_choice(value: str, choices: Sequence[str], key: str) -> None:
-    """`require` that `value` is one of `choices`, listing them."""
-    require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+def _choice(value: str, choices: Sequence[str], key: str) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def _validate(cfg: GRPOConfig) -> None:
     m, e, r, a, t, lg = cfg.model, cfg.env, cfg.rollout, cfg.algo, cfg.trainer, cfg.logger
-    require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
-    require_choice(m.dtype, DTYPES, "model.dtype")
+    _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
+    _choice(m.dtype, DTYPES, "model.dtype")
     if m.lora.enabled:
-        require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
-        require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
-        require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
-        require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
+        _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
+        _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+        _require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
+        _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
 
-    require(
+    _require(
         e.tasks is not None and bool(e.tasks.strip()),
         "env.tasks",
         "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet",
     )
-    require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
-    require_choice(e.prompt, tuple(PROMPTS), "env.prompt")
-    require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
-    require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
-    require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
-    require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
+    _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    _choice(e.prompt, tuple(PROMPTS), "env.prompt")
+    _require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
+    _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
+    _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
+    _require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
 
-    require_choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
-    require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
-    require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
-    require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
-    require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
-    require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
-    require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-    require(
+    _choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    _require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
+    _require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
+    _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
+    _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _require(
         r.max_total_tokens >= r.max_new_tokens,
         "rollout.max_total_tokens",
         f"{r.max_total_tokens} must be >= rollout.max_new_tokens ({r.max_new_tokens})",
     )
-    require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
-    require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    _require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
+    _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
 
-    require_choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
-    require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
-    require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
-    require(
+    _choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
+    _require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
+    _require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
+    _require(
         a.clip_ratio_c is None or a.clip_ratio_c > 1.0,
         "algo.clip_ratio_c",
         f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}",
@@ -328,51 +324,51 @@ def _validate(cfg: GRPOConfig) -> None:
     # the torch-free `algos.eval_config` builds on) never imports torch.
     from algos.losses import AGG_MODES, KL_KINDS
 
-    require_choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
-    require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
-    require_choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
-    require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
-    require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
-    require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
-    require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
-    require(
+    _choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
+    _require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
+    _choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
+    _require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    _require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    _require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
+    _require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
+    _require(
         r.prompts_per_step % a.mini_batch_size == 0,
         "algo.mini_batch_size",
         f"{a.mini_batch_size} prompts must divide rollout.prompts_per_step ({r.prompts_per_step})",
     )
     trajectories_per_mini_batch = a.mini_batch_size * r.n
-    require(
+    _require(
         trajectories_per_mini_batch % a.micro_batch_size == 0,
         "algo.micro_batch_size",
         f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
         f"{trajectories_per_mini_batch} trajectories",
     )
-    require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
-    require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
-    require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
-    require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
-    require(
+    _require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
+    _require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
+    _require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
+    _require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
+    _require(
         len(a.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in a.adam_betas),
         "algo.adam_betas",
         f"must be two numbers in [0, 1), got {list(a.adam_betas)}",
     )
-    require_choice(a.scheduler, SCHEDULERS, "algo.scheduler")
+    _choice(a.scheduler, SCHEDULERS, "algo.scheduler")
 
-    require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
+    _require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
     for key in ("val_every", "save_every", "sample_table_every"):
         value = getattr(t, key)
-        require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
-    require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
-    require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
-    require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
-    require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
-    require(
+        _require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
+    _require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
+    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
+    _require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
+    _require(
         t.resume in ("auto", "never") or bool(t.resume.strip()),
         "trainer.resume",
         "must be 'auto', 'never' or a checkpoint path",
     )
 
-    require_choice(lg.mode, WANDB_MODES, "logger.mode")
+    _choice(lg.mode, WANDB_MODES, "logger.mode")
 
     try:
         RewardConfig.from_dict(dict(cfg.reward))

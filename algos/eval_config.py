@@ -20,8 +20,7 @@ from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-from algos.config import (WANDB_MODES, ConfigError, LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config,
-                          require, require_choice)
+from algos.config import ConfigError, LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
@@ -83,6 +82,10 @@ class EvalConfig:
     reward: dict[str, Any] = field(default_factory=default_reward)
 
     def __post_init__(self) -> None:
+        def require(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config {key}: {message}")
+
         require(bool(self.model.path.strip()), "model.path",
                 "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
         require(self.checkpoint is None or not self.model.scripted, "checkpoint",
@@ -107,7 +110,8 @@ class EvalConfig:
         require(self.prompt in PROMPTS, "prompt", f"must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         require(self.cases >= 0, "cases", f"must be >= 0 (0 = no viewer pages), got {self.cases}")
         require(self.sandbox.workers >= 0, "sandbox.workers", f"must be >= 0 (0 = one per core), got {self.sandbox.workers}")
-        require_choice(self.logger.mode, WANDB_MODES, "logger.mode")
+        require(self.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+                f"{self.logger.mode!r} is not one of auto, online, offline, disabled")
         require(bool(self.output_dir.strip()), "output_dir", "is empty")
         try:
             RewardConfig.from_dict(dict(self.reward))

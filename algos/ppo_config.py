@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-from algos.config import AlgoConfig, GRPOConfig, KLConfig, load_config, require
+from algos.config import AlgoConfig, ConfigError, GRPOConfig, KLConfig, load_config
 
 __all__ = ["CRITIC_KINDS", "PPOAlgoConfig", "CriticConfig", "PPOConfig", "load_ppo_config", "register_ppo_configs"]
 
@@ -93,13 +93,18 @@ class PPOConfig(GRPOConfig):
         return AlgoConfig(**shared)
 
 
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {message}")
+
+
 def _validate(cfg: PPOConfig) -> None:
     r, a, c = cfg.rollout, cfg.algo, cfg.critic
-    require(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
-    require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
-    require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
+    _require(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    _require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
+    _require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
     trajectories_per_mini_batch = a.mini_batch_size * r.n
-    require(
+    _require(
         trajectories_per_mini_batch % a.micro_batch_size == 0,
         "algo.micro_batch_size",
         f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
@@ -113,23 +118,23 @@ def _validate(cfg: PPOConfig) -> None:
         algo=dataclasses.replace(cfg._shared_algo(), micro_batch_size=1), trainer=cfg.trainer,
         logger=cfg.logger, reward=cfg.reward,
     )
-    require(0.0 <= a.gamma <= 1.0, "algo.gamma", f"must lie in [0, 1], got {a.gamma}")
-    require(0.0 <= a.lam <= 1.0, "algo.lam", f"must lie in [0, 1], got {a.lam}")
+    _require(0.0 <= a.gamma <= 1.0, "algo.gamma", f"must lie in [0, 1], got {a.gamma}")
+    _require(0.0 <= a.lam <= 1.0, "algo.lam", f"must lie in [0, 1], got {a.lam}")
 
-    require(c.kind in CRITIC_KINDS, "critic.kind", f"{c.kind!r} is not one of {', '.join(map(repr, CRITIC_KINDS))}")
-    require(c.path is None or bool(c.path.strip()), "critic.path",
+    _require(c.kind in CRITIC_KINDS, "critic.kind", f"{c.kind!r} is not one of {', '.join(map(repr, CRITIC_KINDS))}")
+    _require(c.path is None or bool(c.path.strip()), "critic.path",
              "is empty: give a model (tiny:<family>, hub id, folder) or null to start from model.path")
-    require(c.kind == "separate" or c.path is None, "critic.path",
+    _require(c.kind == "separate" or c.path is None, "critic.path",
              f"is set ({c.path!r}) but critic.kind is 'shared', whose value head sits on the policy: "
              "set critic.kind=separate to load a critic model, or critic.path=null")
-    require(c.lr > 0, "critic.lr", f"must be > 0, got {c.lr}")
-    require(c.weight_decay >= 0, "critic.weight_decay", f"must be >= 0, got {c.weight_decay}")
-    require(c.grad_clip > 0, "critic.grad_clip", f"must be > 0, got {c.grad_clip}")
-    require(c.vf_coef > 0, "critic.vf_coef", f"must be > 0, got {c.vf_coef}")
-    require(c.clip_range is None or c.clip_range > 0, "critic.clip_range",
+    _require(c.lr > 0, "critic.lr", f"must be > 0, got {c.lr}")
+    _require(c.weight_decay >= 0, "critic.weight_decay", f"must be >= 0, got {c.weight_decay}")
+    _require(c.grad_clip > 0, "critic.grad_clip", f"must be > 0, got {c.grad_clip}")
+    _require(c.vf_coef > 0, "critic.vf_coef", f"must be > 0, got {c.vf_coef}")
+    _require(c.clip_range is None or c.clip_range > 0, "critic.clip_range",
              f"must be > 0, or null to disable value clipping, got {c.clip_range}")
-    require(c.warmup_steps >= 0, "critic.warmup_steps", f"must be >= 0 (0 = none), got {c.warmup_steps}")
-    require(c.warmup_steps < cfg.trainer.total_steps, "critic.warmup_steps",
+    _require(c.warmup_steps >= 0, "critic.warmup_steps", f"must be >= 0 (0 = none), got {c.warmup_steps}")
+    _require(c.warmup_steps < cfg.trainer.total_steps, "critic.warmup_steps",
              f"{c.warmup_steps} leaves no step to train the policy in trainer.total_steps={cfg.trainer.total_steps}")
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
+import importlib.util
 import io
 import re
-import runpy
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,18 +68,19 @@ def _module_and_args(command: list[str]) -> tuple[str, list[str]]:
 
 
 def _help_text(target: str, args: list[str]) -> str:
-    """What `python -m target args --help` (or `python target ...` for a script) prints."""
+    """What `python -m target args --help` (or `python target ...` for a script) prints: the
+    entry point's `main(argv)` run in this process."""
+    if target.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(target).stem, ROOT / target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+        if not hasattr(module, "main"):  # a package run with -m: its __main__
+            module = importlib.import_module(f"{target}.__main__")
     out = io.StringIO()
-    saved = sys.argv
-    sys.argv = [target, *args, "--help"]
-    try:
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
-            if target.endswith(".py"):
-                runpy.run_path(str(ROOT / target), run_name="__main__")
-            else:
-                runpy.run_module(target, run_name="__main__", alter_sys=True)
-    finally:
-        sys.argv = saved
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        module.main([*args, "--help"])
     assert exited.value.code in (0, None), f"{target} {' '.join(args)} --help exited with {exited.value.code}"
     return out.getvalue()
 
@@ -161,3 +162,22 @@ def test_the_quickstart_prints_what_the_readme_shows():
     for figures in expected:
         assert figures in printed, f"the README shows {figures!r}; the quickstart printed:\n{out.getvalue()}"
     assert len(out.getvalue()) < 2000  # nothing prints kilobytes (env.observation_space included)
+
+
+@pytest.mark.parametrize("answer, fix, total", [("XA-375", True, 1.2), ("XA-357", False, 1.1), ("XA-375", False, 0.1)])
+def test_the_quickstarts_other_outcomes_earn_what_the_readme_says(answer, fix, total):
+    import gymnasium as gym
+
+    import cv_env  # noqa: F401
+
+    assert f"earn {total}" in README or f"earns {total}" in README or f"one {total}" in README
+    env = gym.make("CodeVision-v0", tasks="orientation_ocr", max_turns=12, sandbox={"workers": 1})
+    try:
+        env.reset(seed=0, options={"index": 1})
+        if fix:  # the quickstart's turn (a dict action would have no <think>, so no format credit)
+            env.step('<think>The text is upside down.</think>\n<tool_call>\n{"name": "code_image_tool", '
+                     '"arguments": {"code": "result = image.rotate(180, expand=True)", "image_index": 0}}\n</tool_call>')
+        *_, info = env.step(f"<think>It reads {answer}.</think><answer>{answer}</answer>")
+    finally:
+        env.close()
+    assert info["reward_components"]["total"] == pytest.approx(total)
