@@ -21,7 +21,6 @@ oracle before training when `data.oracle.tasks` is set. Configuration: `conf/sft
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -273,7 +272,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     total_steps = t.total_steps or t.epochs * steps_per_epoch
     if point.checkpoint is not None and point.step >= total_steps:
         destroy_distributed()
-        return finished_run("SFT", dataclasses.replace(point, finished=True), output_dir)
+        return finished_run("SFT", point, output_dir)
     optimizer = build_optimizer(policy.named_parameters(), a)
     scheduler = build_scheduler(optimizer, a, total_steps)
     sampler = PromptSampler(len(train), seed=t.seed)
