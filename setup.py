@@ -40,7 +40,9 @@ VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]  # hypothesis: property tests
 
 CONF_PACKAGES = ["algos.conf"] + [
-    "algos.conf." + p.name for p in sorted((HERE / "conf").iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
+    "algos.conf." + ".".join(p.relative_to(HERE / "conf").parts)
+    for p in sorted((HERE / "conf").rglob("*"))
+    if p.is_dir() and not any(part.startswith((".", "_")) for part in p.relative_to(HERE / "conf").parts)
 ]
 
 setup(

@@ -2,6 +2,7 @@
 
     python -m agents.collect --model tiny:qwen2_5_vl --tasks synthetic --split train \\
         --num-tasks 256 --out runs/demos/oracle.jsonl
+    python -m agents.collect --num-tasks 64      # to outputs/collect/<date_time>/demos.jsonl
 
 The oracle (`agents.scripted.OracleAgent`) plays each task through the real env and the rollout
 engine (`ScriptedBackend`), so every record is a `Trajectory` exactly as a policy rollout would
@@ -18,20 +19,28 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def default_out() -> str:
+    """A new run folder per collection, as Hydra names its runs: outputs/collect/<date_time>/demos.jsonl."""
+    return str(Path("outputs") / "collect" / time.strftime("%Y-%m-%d_%H-%M-%S") / "demos.jsonl")
 
 
 def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_turns: int = 4,
             max_pixels: int = 1024 * 28 * 28, max_total_tokens: int = 16384, batch: int = 64,
             workers: int = 2, seed: int = 0, keep_all: bool = False, prompt: str = "full",
-            tool_rate: float = 1.0) -> dict:
+            tool_rate: float = 1.0, progress: bool = True) -> dict:
     """Write oracle trajectories of the first `num_tasks` tasks of `tasks`/`split` to `out`; return counts.
 
     tool_rate < 1: the oracle skips the tool on that share of the tasks that need it and answers
     at once (`OracleAgent(tool_rate)`); such an episode is kept when it earns the reward of a
-    correct answer without calls.
+    correct answer without calls. progress: a console bar over the episodes (rate, ETA).
     """
+    from tqdm.auto import tqdm
+
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
@@ -55,7 +64,7 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
     with Sandbox(workers=workers) as sandbox, RolloutEngine(
         backend, sandbox=sandbox, env_kwargs=dict(max_turns=max_turns, max_pixels=max_pixels, prompt=prompt),
         sampling=dict(max_new_tokens=4096), max_total_tokens=max_total_tokens,
-    ) as engine:
+    ) as engine, tqdm(total=count, desc="collect", unit="episode", dynamic_ncols=True, disable=not progress) as bar:
         for first in range(0, count, batch):
             chunk = [source[i] for i in range(first, min(count, first + batch))]
             trajectories = engine.rollout(chunk, n=1, seed=seed + first)
@@ -64,6 +73,8 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
             skipped += len(trajectories) - len(good)
             kept += len(good)
             write_jsonl(good, out)
+            bar.update(len(chunk))
+            bar.set_postfix(kept=kept)
     return {"kept": kept, "skipped": skipped, "seconds": time.perf_counter() - start, "out": out}
 
 
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="synthetic", help="task spec: synthetic, a category, a .parquet path")
     parser.add_argument("--split", default="train")
     parser.add_argument("--num-tasks", type=int, default=256)
-    parser.add_argument("--out", required=True, help="the JSONL file to write (images go beside it)")
+    parser.add_argument("--out", default=None,
+                        help="the JSONL file to write, images beside it (default: a new outputs/collect/<date_time>/demos.jsonl)")
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-pixels", type=int, default=1024 * 28 * 28)
     parser.add_argument("--max-total-tokens", type=int, default=16384)
@@ -87,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the tasks needing an op that the oracle solves with the tool; on the rest it "
                              "answers at once (a teacher that often skips the tool)")
     args = parser.parse_args(argv)
-    result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out, args.max_turns, args.max_pixels,
-                     args.max_total_tokens, args.batch, args.workers, args.seed, args.keep_all, args.prompt,
-                     args.tool_rate)
+    result = collect(args.model, args.tasks, args.split, args.num_tasks, args.out or default_out(),
+                     max_turns=args.max_turns, max_pixels=args.max_pixels, max_total_tokens=args.max_total_tokens,
+                     batch=args.batch, workers=args.workers, seed=args.seed, keep_all=args.keep_all,
+                     prompt=args.prompt, tool_rate=args.tool_rate)
     print(f"wrote {result['kept']} demonstrations to {result['out']} ({result['skipped']} below the reward of the "
           f"oracle's plan skipped) in {result['seconds']:.1f} s")
     return 0

@@ -15,8 +15,11 @@ installed the stock `AutoProcessor` result is returned, from the same folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +60,17 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
         return str(path.resolve())
     if path.exists():
         raise ValueError(f"{spec!r} is a file: give the checkpoint folder that contains it")
-    # Hub ids are "name" or "org/name"; anything else can only have meant a local path.
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+    if looks_local(spec):
         raise FileNotFoundError(
             f"model folder {spec!r} does not exist: give an existing folder, a hub id such as "
             "'Qwen/Qwen2.5-VL-7B-Instruct', or tiny:<family> (qwen2_vl, qwen2_5_vl, qwen3_vl)"
         )
     return spec
+
+
+def looks_local(spec: str) -> bool:
+    """True for a spec that can only mean a local path: hub ids are "name" or "org/name"."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
 def load_processor(spec: str | os.PathLike, chat_template: str | None = None, **kwargs: Any):
@@ -82,6 +89,7 @@ def load_processor(spec: str | os.PathLike, chat_template: str | None = None, **
 
     template = resolve_chat_template(chat_template) if chat_template else None  # a bad name fails before loading
     path = resolve_model_path(spec)
+    check_hub_model_available(path, **kwargs)
     stock_class = _stock_processor_class(path, **kwargs)
     try:
         if is_torchvision_available() or stock_class is None or "video_processor" not in stock_class.get_attributes():
@@ -117,6 +125,7 @@ def load_model(
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model_path(spec)
+    check_hub_model_available(path, **kwargs)
     if device is not None:
         kwargs.setdefault("device_map", str(device))
     if attn_implementation is not None:
@@ -261,10 +270,66 @@ def _torch_dtype(dtype: Any):
 
 
 def _not_found_message(spec: Any, path: str, error: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _hub_offline()
     where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the local cache or the Hub"
     return (
         f"could not load model {spec!r}: {path!r} is not a local checkpoint folder and was not found in {where}. "
         f"Give a folder written by save_pretrained, a downloaded hub id, or tiny:<family> "
         f"(qwen2_vl, qwen2_5_vl, qwen3_vl). Cause: {error}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A hub id that cannot be had fails in seconds, in one paragraph (not after a minute of retries)
+# --------------------------------------------------------------------------------------------
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+class ModelUnavailableError(OSError):
+    """A hub id that is not in the local cache and cannot be downloaded: offline mode is on, or
+    the hub cannot be reached. Entry points print its message alone."""
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be reached (one request, no retries), or None when it answers at all."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as error:
+        return str(getattr(error, "reason", error))
+    return None
+
+
+def check_hub_model_available(path: str, cache_dir: str | None = None, revision: str | None = None,
+                              local_files_only: bool = False, **_: Any) -> None:
+    """Raise `ModelUnavailableError` at once when the hub id `path` is neither in the local
+    Hugging Face cache nor downloadable. A local folder, or a hub id whose config is cached,
+    passes (transformers then loads it, from the cache when offline)."""
+    if os.path.isdir(path):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json", cache_dir=cache_dir, revision=revision), str):
+        return
+    cache = cache_dir or constants.HF_HUB_CACHE
+    fixes = (f"download it once where the hub is reachable (`hf download {path}`, into {cache}), give a local "
+             "checkpoint folder, or use tiny:<family> (qwen2_vl, qwen2_5_vl, qwen3_vl) for an offline test model")
+    if local_files_only or _hub_offline():
+        raise ModelUnavailableError(
+            f"model {path!r} is not in the local Hugging Face cache ({cache}) and offline mode is on (HF_HUB_OFFLINE=1), "
+            f"so it cannot be downloaded: unset HF_HUB_OFFLINE on a machine with internet, {fixes}.")
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise ModelUnavailableError(
+            f"model {path!r} is not in the local Hugging Face cache ({cache}) and the hub at {constants.ENDPOINT} "
+            f"cannot be reached ({reason}): {fixes}.")

@@ -12,12 +12,20 @@ A checkpoint is a folder `<output_dir>/checkpoints/step_00000012/` holding
 It is written into `.tmp-step_00000012/` and renamed into place, so a crash mid-save leaves the
 previous checkpoint as the latest; the oldest complete checkpoints beyond `keep_last` are deleted.
 
-    ckpt = resolve_resume(cfg.trainer.resume, cfg.trainer.output_dir)   # "auto" | "never" | path
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)      # restores RNG too
+    point = plan_resume(cfg.trainer.resume, output_dir, config_to_dict(cfg), cfg.trainer.total_steps)
+    if point.finished:                                                  # nothing left to do: say so
+        return finished_run("GRPO", point, output_dir)
+    if point.checkpoint is not None:
+        state = load_checkpoint(point.checkpoint, model, optimizer, scheduler)   # restores RNG too
         start_step, sampler_state = state.step, state.data_state
     ...
-    save_checkpoint(output_dir, step, model, optimizer, scheduler, data_state=sampler.state_dict())
+    save_checkpoint(output_dir, step, model, optimizer, scheduler, data_state=sampler.state_dict(),
+                    extra={"config": config_to_dict(cfg)})
+
+`trainer.resume=auto` continues the run in `output_dir` only when its checkpoint was written
+under the same settings: a checkpoint whose config differs in what it trains (model, data,
+algorithm, reward; `config_changes`) stops the run with a `ResumeConflict` naming the keys and
+the ways on, so a changed `model.path` is never silently ignored.
 
 Weights and optimizer state go through `torch.distributed.checkpoint.state_dict`, which gathers
 full tensors from FSDP2 shards (and works unchanged on a plain module), so every rank must call
@@ -47,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from algos.config import ConfigError
 from algos.distributed import barrier, get_rank, get_world_size, is_distributed, is_main, unwrap_model
 
 __all__ = [
@@ -56,6 +65,12 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "resolve_resume",
+    "ResumePoint",
+    "ResumeConflict",
+    "plan_resume",
+    "config_changes",
+    "finished_run",
+    "RESUME_FREE_KEYS",
     "is_complete",
     "rng_state",
     "set_rng_state",
@@ -157,13 +172,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, key: str = "trainer.resume") -> Path | None:
     """Which checkpoint `trainer.resume` asks for.
 
     * ``"never"``: None (start fresh).
     * ``"auto"``: the latest complete checkpoint in `output_dir`, or None when there is none, so
       re-running the same command continues a killed run and starts a new one otherwise.
     * a path: that checkpoint folder, or the latest checkpoint of that run folder.
+
+    key: the config key that holds `resume`, for the error messages (evaluate's `checkpoint`).
 
     Raises:
         FileNotFoundError: a path that is neither a complete checkpoint nor a run folder holding one.
@@ -176,17 +193,133 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if (path / "trainer_state.json").is_file() or _STEP_DIR.match(path.name):
         if not is_complete(path):
             raise FileNotFoundError(
-                f"trainer.resume={resume!r} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save "
-                f"was interrupted); pick another one from {path.parent}, or resume=auto"
+                f"{key}={resume!r} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save "
+                f"was interrupted); pick another one from {path.parent}"
+                + (", or trainer.resume=auto" if key == "trainer.resume" else "")
             )
         return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(
-            f"trainer.resume={resume!r}: no complete checkpoint there (expected a checkpoints/step_<n>/ folder "
-            "or a run folder containing checkpoints/); use resume=auto or resume=never"
+            f"{key}={resume!r}: no complete checkpoint there (expected a checkpoints/step_<n>/ folder "
+            "or a run folder containing checkpoints/)"
+            + ("; use trainer.resume=auto or trainer.resume=never" if key == "trainer.resume" else "")
         )
     return latest
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming under the same settings
+# --------------------------------------------------------------------------------------------
+
+# Keys a run may change when it resumes: its length, its validation, saving and logging, and
+# resources that do not change what is computed (memory knobs, workers, kernels, engines).
+# Every other key (model, data, algorithm, reward, seed) decides what the run trains.
+RESUME_FREE_KEYS = (
+    "trainer.total_steps", "trainer.epochs", "trainer.val_every", "trainer.val_size", "trainer.val_before_train",
+    "trainer.save_every", "trainer.keep_last", "trainer.output_dir", "trainer.resume", "trainer.sample_table_every",
+    "trainer.sample_table_rows", "trainer.fsdp", "logger", "env.sandbox", "env.val_tasks", "env.val_split",
+    "rollout.val_temperature", "rollout.backend", "rollout.gpu_memory_utilization", "rollout.tensor_parallel_size",
+    "algo.micro_batch_size", "algo.packing", "algo.max_tokens_per_micro_batch", "model.gradient_checkpointing",
+    "model.attn_implementation", "data.oracle.workers", "data.val_size",
+)
+
+
+class ResumeConflict(ConfigError):
+    """`trainer.resume=auto` found a checkpoint written under other settings than this run's."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: from `checkpoint` at `step` (None and 0: from scratch); `finished` when
+    that checkpoint already reached the run's last step."""
+
+    checkpoint: Path | None
+    step: int
+    finished: bool
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every key whose value differs between two
+    nested config dicts, sorted by key; keys at or under a `free` prefix are left out, and so are
+    keys only one side has (a setting added to or dropped from the schema since the save)."""
+    a, b = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(a) & set(b)):
+        if any(key == f or key.startswith(f + ".") for f in free):
+            continue
+        if a[key] != b[key]:
+            changes.append((key, a[key], b[key]))
+    return changes
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _conflict_message(output_dir: Path, checkpoint: Path, step: int, changes: list[tuple[str, Any, Any]]) -> str:
+    shown = [f"  {key}: {_shown(old)} in the checkpoint, {_shown(new)} now" for key, old, new in changes[:12]]
+    if len(changes) > 12:
+        shown.append(f"  ... and {len(changes) - 12} more")
+    return "\n".join([
+        f"{output_dir} holds a checkpoint (step {step}) of a run with other settings, which trainer.resume=auto "
+        "would continue as it was, ignoring these changes:",
+        *shown,
+        "Either start a new run in its own folder: trainer.output_dir=<new folder> (output_dir= works too),",
+        f"or start over in {output_dir}: trainer.resume=never (its checkpoints are replaced as the new run saves).",
+        f"(To continue that run with the new settings anyway, name its checkpoint: trainer.resume={checkpoint}.)",
+    ])
+
+
+def plan_resume(resume: str, output_dir: str | Path, config: Mapping[str, Any], total_steps: int | None) -> ResumePoint:
+    """Where a run of `total_steps` (None: not known yet) with settings `config` (a plain dict,
+    as checkpoints store it) starts.
+
+    `resolve_resume`'s checkpoint, checked against the config saved with it: under
+    `resume="auto"` a difference outside `RESUME_FREE_KEYS` raises `ResumeConflict`; a
+    checkpoint named explicitly (`resume=<path>`) is the user's choice, so the differences are
+    only reported. Reads files only: call it before loading any weights.
+    """
+    checkpoint = resolve_resume(resume, output_dir)
+    if checkpoint is None:
+        return ResumePoint(None, 0, False)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = int(state["step"])
+    saved = (state.get("extra") or {}).get("config")
+    changes = config_changes(saved, config) if isinstance(saved, Mapping) else []
+    if changes and resume == "auto":
+        raise ResumeConflict(_conflict_message(Path(output_dir), checkpoint, step, changes))
+    if changes and is_main():
+        from algos.tracking import say
+
+        say(f"resuming {checkpoint} with changed settings: " + "; ".join(
+            f"{key} {_shown(old, 30)} -> {_shown(new, 30)}" for key, old, new in changes))
+    return ResumePoint(checkpoint, step, total_steps is not None and step >= total_steps)
+
+
+def finished_run(algorithm: str, point: ResumePoint, output_dir: str | Path) -> dict[str, Any]:
+    """Say that the run in `output_dir` already reached its last step and how to go on; return
+    the trainer's summary of it (`already_finished: True`, nothing trained)."""
+    if is_main():
+        from algos.tracking import say
+
+        say(f"{algorithm}: the run in {output_dir} already finished at step {point.step}: nothing to train. To train on "
+            f"from its checkpoint, raise trainer.total_steps (e.g. trainer.total_steps={2 * point.step}); to start "
+            "again, trainer.resume=never or another trainer.output_dir=.")
+    return {"output_dir": str(output_dir), "steps": point.step, "resumed_from": None, "already_finished": True,
+            "checkpoint": str(point.checkpoint), "last_metrics": {}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +382,8 @@ def save_checkpoint(
         optimizer, scheduler: saved when given.
         data_state: the data position, e.g. the prompt sampler's `state_dict()` (JSON-serialisable).
         extra: any other JSON-serialisable metadata (e.g. the config as a dict).
-        keep_last: complete checkpoints to keep; older ones are deleted after this one is in place.
+        keep_last: complete checkpoints to keep; older ones are deleted after this one is in place,
+            and so are checkpoints of later steps (left by an older run in the same folder).
         trainable_only: store only parameters with `requires_grad` (default: True under PEFT, so
             only the adapter is stored; the frozen base comes from `model.path` on resume).
 
@@ -312,7 +446,10 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         else:
             tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        # Checkpoints of later steps are from an older run in this folder (resume=never, or a
+        # resume from an earlier checkpoint): stale, and `resume=auto` would pick them next.
+        kept = [path for path in list_checkpoints(output_dir) if int(path.name.split("_")[1]) <= step]
+        for old in set(list_checkpoints(output_dir)) - set(kept[-keep_last:]):
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

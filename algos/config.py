@@ -12,7 +12,7 @@ Two ways in:
 
     cfg = load_config(["+exp=tiny", "algo.lr=1e-5"])          # tests, notebooks, scripts
 
-    @hydra_main("grpo")                                         # entry points:
+    @hydra_main("grpo")                                         # entry points (algos.cli):
     def main(cfg: GRPOConfig) -> None: ...                      #   python -m algos.grpo +exp=tiny
 
 Batch sizes follow verl's convention, which the CodeVision release uses: `rollout.prompts_per_step`
@@ -23,11 +23,11 @@ and `algo.mini_batch_size` count prompts (groups of `rollout.n` trajectories), w
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -52,11 +52,14 @@ __all__ = [
     "SCHEDULERS",
     "DTYPES",
     "WANDB_MODES",
+    "ConfigError",
     "conf_dir",
     "load_config",
     "to_config",
     "config_to_dict",
-    "hydra_main",
+    "closest_key",
+    "config_keys",
+    "unknown_key_message",
     "register_configs",
 ]
 
@@ -66,6 +69,12 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "grpo_schema"
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change: an unknown key, a value out of range, a path that
+    does not exist, a run folder whose checkpoint disagrees. The entry points print its message
+    alone, without a traceback (`algos.cli`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ class GRPOConfig:
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config {key}: {message}")
+        raise ConfigError(f"config {key}: {message}")
 
 
 def _choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -368,7 +377,7 @@ def _validate(cfg: GRPOConfig) -> None:
     try:
         RewardConfig.from_dict(dict(cfg.reward))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"config reward: {err}") from err
+        raise ConfigError(f"config reward: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,9 +413,52 @@ def conf_dir() -> Path:
     )
 
 
-def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+def closest_key(key: str, known: Iterable[str]) -> str | None:
+    """The valid dotted key a misspelt or incomplete `key` most likely meant, or None.
+
+    A key whose last part names exactly one valid key's last part gets that key (`output_dir`
+    -> `trainer.output_dir`); otherwise the closest spelling (`trainer.totl_steps` ->
+    `trainer.total_steps`), compared over whole keys, then over last parts.
+    """
+    known = sorted(set(known))
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    whole = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if whole:
+        return whole[0]
+    by_leaf = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return by_leaf[leaves[0]] if leaves else None
+
+
+def unknown_key_message(key: str, known: Iterable[str], command: str = "") -> str:
+    """`config <key>: unknown key; did you mean <closest>?` plus where every valid key is listed."""
+    suggestion = closest_key(key, known)
+    hint = f"did you mean {suggestion}?" if suggestion else "check the spelling"
+    listing = f"`{command} --cfg job` prints every key" if command else "the schema in algos/*config.py lists every key"
+    return f"config {key}: unknown key; {hint} ({listing})"
+
+
+def config_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config down to its values (`trainer.total_steps`, `reward.alpha`)."""
+    keys = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none() and len(child):
+            keys.extend(config_keys(child, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "", root: DictConfig | None = None) -> None:
     # Struct mode stops `algo.lrr=1`, but Hydra's `+algo.lrr=1` ("append") opens the node, and
     # OmegaConf.to_object would then silently drop the key: refuse it here instead.
+    root = node if root is None else root
     schema = OmegaConf.get_type(node)
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         return
@@ -414,20 +466,18 @@ def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     for key in node.keys():
         full_key = f"{prefix}{key}"
         if key not in known:
-            raise ValueError(
-                f"config {full_key}: unknown key; {schema.__name__} has {', '.join(sorted(known))} "
-                "(check the spelling, or add the field to the schema in algos/config.py)"
-            )
+            valid = [k for k in config_keys(root) if k != full_key and not k.startswith(full_key + ".")]
+            raise ConfigError(unknown_key_message(full_key, valid))
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            _reject_unknown_keys(child, f"{full_key}.")
+            _reject_unknown_keys(child, f"{full_key}.", root)
 
 
 def to_config(cfg: DictConfig) -> Any:
     """Turn a composed `DictConfig` into its schema's dataclass (runs the value checks).
 
     Raises:
-        ValueError: a key the schema does not know (even one added with Hydra's `+key=`), or a
+        ConfigError: a key the schema does not know (even one added with Hydra's `+key=`), or a
             value out of range.
     """
     _reject_unknown_keys(cfg)
@@ -444,7 +494,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "grpo") -> GRP
     Raises:
         hydra.errors.ConfigCompositionException: unknown keys, wrong types or missing groups
             (the message names the key).
-        ValueError: a value out of range (`config algo.clip_ratio_low: must lie in [0, 1), ...`).
+        ConfigError: a value out of range (`config algo.clip_ratio_low: must lie in [0, 1), ...`).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -468,33 +518,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     raise TypeError(f"expected a config dataclass or DictConfig, got {type(cfg).__name__}")
-
-
-def hydra_main(config_name: str = "grpo") -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
-    """Decorator for an entry point that takes the typed config.
-
-        @hydra_main("grpo")
-        def main(cfg: GRPOConfig) -> None: ...
-
-        if __name__ == "__main__":
-            main()                      # python -m algos.grpo +exp=tiny algo.lr=1e-5
-
-    Hydra parses the command line (`--help`, `--cfg job`, overrides), composes
-    `conf/<config_name>.yaml` in struct mode, writes the composed config under
-    `<trainer.output_dir>/.hydra/`, and the function receives the validated dataclass.
-    """
-
-    def decorator(task: Callable[[Any], Any]) -> Callable[[], Any]:
-        import hydra
-
-        @functools.wraps(task)
-        def entry() -> Any:
-            @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
-            def _composed(cfg: DictConfig) -> Any:
-                return task(to_config(cfg))
-
-            return _composed()
-
-        return entry
-
-    return decorator

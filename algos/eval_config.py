@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 
 from agents.templates import TOOL_RESPONSE_FORMATS
-from algos.config import LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config, to_config
+from algos.config import ConfigError, LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
-__all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config",
-           "to_eval_config"]
+__all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config"]
 
 SCRIPTED_AGENTS = ("oracle", "random")
 SCHEMA_NAME = "evaluate_schema"
@@ -89,7 +87,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, message: str) -> None:
             if not ok:
-                raise ValueError(f"config {key}: {message}")
+                raise ConfigError(f"config {key}: {message}")
 
         require(bool(self.model.path.strip()), "model.path",
                 "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
@@ -123,7 +121,7 @@ class EvalConfig:
         try:
             RewardConfig.from_dict(dict(self.reward))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"config reward: {err}") from err
+            raise ConfigError(f"config reward: {err}") from err
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig.from_dict(dict(self.reward))
@@ -147,11 +145,6 @@ def normalize_overrides(overrides: Sequence[str]) -> list[str]:
             item = f"model.path={value}"
         out.append(item)
     return out
-
-
-def to_eval_config(cfg: DictConfig) -> EvalConfig:
-    """The composed DictConfig as a validated `EvalConfig` (unknown keys refused, as the trainers')."""
-    return to_config(cfg)
 
 
 def load_eval_config(overrides: Sequence[str] = ()) -> EvalConfig:

@@ -8,13 +8,14 @@ Plays every task (and, with `robustness=true`, each task under the five orientat
 of `cv_env.tasks.RobustnessWrapper`) through `CodeVision-v0`: a model through the rollout
 engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`, `random`) directly.
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
-`output_dir`:
+`output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
 
     report.json, report.md   accuracy per category, the robustness table (original + 5 transforms
                              + average), turns, tool calls, execution success, op usage, reward terms
     cases/<agent>_worst.html, cases/<agent>_best.html   viewer pages (agents.viewer)
     transcripts/<agent>.jsonl                           every episode, turn by turn
     metrics.jsonl (+ W&B)                               val/... figures via algos.tracking
+    evaluate.log, .hydra/                                the console's messages; the composed config
 
 Configuration: `conf/evaluate.yaml` (every key commented) and `algos/eval_config.py`.
 """
@@ -37,9 +38,10 @@ import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.scripted import OracleAgent, RandomAgent
 from agents.transcript import Transcript, play_transcript, write_transcripts
 from agents.viewer import write_html
-from algos.config import conf_dir
-from algos.eval_config import EvalConfig, normalize_overrides, to_eval_config
+from algos.cli import hydra_main
+from algos.eval_config import EvalConfig, normalize_overrides
 from algos.metrics import rank_cases, report_markdown, report_metrics, summarize
+from algos.tracking import Tracker, say
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
 from cv_env.tasks import RobustnessWrapper, load_tasks
@@ -155,7 +157,7 @@ def load_policy(cfg: EvalConfig):
     if cfg.checkpoint:
         from algos.checkpoint import load_checkpoint, resolve_resume
 
-        path = resolve_resume(str(cfg.checkpoint), cfg.output_dir)  # a checkpoint folder or a run's latest
+        path = resolve_resume(str(cfg.checkpoint), cfg.output_dir, key="checkpoint")  # a folder or a run's latest
         load_checkpoint(path, policy.model, restore_rng=False)
     policy.eval()
     return policy
@@ -195,8 +197,6 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     `cfg.model.path`; ignored for scripted agents.
     Report keys: title, settings, agents ({label: algos.metrics.summarize(...)}), cases, metrics.
     """
-    from algos.tracking import Tracker
-
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,11 +205,12 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     if cfg.checkpoint:
         main_label += f"@{Path(cfg.checkpoint).name}"
     results: dict[str, list[Transcript]] = {}
+    if not cfg.model.scripted and policy is None:
+        policy = load_policy(cfg)  # before the sandbox starts: a model that cannot load fails at once
     with Sandbox(**cfg.sandbox.to_kwargs()) as sandbox:
         if cfg.model.scripted:
             results[main_label] = run_scripted(cfg.model.path, tasks, cfg, sandbox, samples=cfg.samples)
         else:
-            policy = policy if policy is not None else load_policy(cfg)
             results[main_label] = run_model(policy, tasks, cfg, sandbox, name=main_label)
         if cfg.oracle and main_label != "oracle":
             results["oracle"] = run_scripted("oracle", tasks, cfg, sandbox)
@@ -250,24 +251,16 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     return report
 
 
-def main() -> dict[str, Any]:
-    """Entry point: `python -m algos.evaluate [key=value ...]` (Hydra overrides; see conf/evaluate.yaml)."""
-    import sys
+@hydra_main("evaluate", normalize=normalize_overrides)  # model=<spec> -> model.path=<spec>
+def main(cfg: EvalConfig) -> dict[str, Any]:
+    """Entry point: `python -m algos.evaluate [key=value ...]` (Hydra overrides; see conf/evaluate.yaml).
 
-    import hydra
-    from omegaconf import DictConfig
-
-    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # model=<spec> -> model.path=<spec>
-
-    @hydra.main(config_path=str(conf_dir()), config_name="evaluate", version_base="1.3")
-    def _composed(raw: DictConfig) -> dict[str, Any]:
-        cfg = to_eval_config(raw)
-        report = evaluate(cfg)
-        print(report_markdown(report))
-        print(f"report: {Path(cfg.output_dir) / 'report.md'} ({report['seconds']:.1f} s)")
-        return report
-
-    return _composed()
+    The report's tables go to stdout; where the files are, to the console and `<output_dir>/evaluate.log`.
+    """
+    report = evaluate(cfg)
+    print(report_markdown(report), flush=True)
+    say(f"report: {Path(cfg.output_dir) / 'report.md'} ({report['seconds']:.1f} s; run folder {cfg.output_dir})")
+    return report
 
 
 if __name__ == "__main__":

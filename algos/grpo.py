@@ -34,8 +34,9 @@ import torch
 from agents.policy import Policy
 from agents.rollout import Trajectory
 from algos.advantages import grpo_advantages, rloo_advantages
-from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from algos.config import GRPOConfig, config_to_dict, hydra_main
+from algos.checkpoint import finished_run, list_checkpoints, load_checkpoint, plan_resume, save_checkpoint
+from algos.cli import hydra_main
+from algos.config import GRPOConfig, config_to_dict
 from algos.distributed import (
     all_reduce_mean,
     destroy_distributed,
@@ -60,7 +61,7 @@ from algos.rollouts import (
     step_metrics,
     validate,
 )
-from algos.tracking import Tracker, print_run_summary
+from algos.tracking import Tracker, print_run_summary, say
 from algos.train_step import (
     PromptSampler,
     build_optimizer,
@@ -221,6 +222,10 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
     check_rollout_backend(r)  # fail before loading the weights, not after
     output_dir = Path(t.output_dir)
+    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), t.total_steps)  # a changed config stops here
+    if point.finished:
+        destroy_distributed()
+        return finished_run("GRPO", point, output_dir)
     seed_everything(t.seed + rank)
 
     # ---- policy, reference, optimizer -------------------------------------------------------
@@ -244,7 +249,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
 
     # ---- resume -------------------------------------------------------------------------------
     start_step, resumed_from = 0, None
-    checkpoint = resolve_resume(t.resume, output_dir)
+    checkpoint = point.checkpoint
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
         start_step, resumed_from = state.step, state.path
@@ -255,7 +260,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
             resume_step=start_step if checkpoint is not None else None))
         if resumed_from is not None and is_main():
-            print(f"resuming from {resumed_from} (step {start_step})", flush=True)
+            say(f"resuming from {resumed_from} (step {start_step})")
 
         engine, val_engine = open_engines(cfg, policy, cleanup, resumed=checkpoint is not None)
         val_chunk = max(1, r.prompts_per_step * r.n // world)

@@ -34,8 +34,10 @@ import torch
 from agents.policy import Policy
 from agents.rollout import Trajectory
 from algos.advantages import gae_advantages, whiten
-from algos.checkpoint import is_complete, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from algos.config import config_to_dict, hydra_main
+from algos.checkpoint import (finished_run, is_complete, list_checkpoints, load_checkpoint, plan_resume,
+                              save_checkpoint)
+from algos.cli import hydra_main
+from algos.config import config_to_dict
 from algos.critic import Critic, load_critic, logprobs_and_values, score_values
 from algos.distributed import all_reduce_mean, destroy_distributed, get_world_size, init_distributed, is_main
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
@@ -51,7 +53,7 @@ from algos.rollouts import (
     step_metrics,
     validate,
 )
-from algos.tracking import Tracker, print_run_summary
+from algos.tracking import Tracker, print_run_summary, say
 from algos.train_step import (
     PromptSampler,
     build_optimizer,
@@ -293,6 +295,10 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                          "every rank; set trainer.fsdp=false")
     check_rollout_backend(r)  # fail before loading the weights, not after
     output_dir = Path(t.output_dir)
+    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), t.total_steps)  # a changed config stops here
+    if point.finished:
+        destroy_distributed()
+        return finished_run("PPO", point, output_dir)
     seed_everything(t.seed + rank)
 
     # ---- policy, critic, reference, optimizers -------------------------------------------------
@@ -314,7 +320,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
 
     # ---- resume: the policy's checkpoint, then its critic -------------------------------------
     start_step, resumed_from = 0, None
-    checkpoint = resolve_resume(t.resume, output_dir)
+    checkpoint = point.checkpoint
     if checkpoint is not None:
         critic_checkpoint = critic_checkpoint_path(checkpoint)
         if not is_complete(critic_checkpoint):
@@ -332,7 +338,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
             resume_step=start_step if checkpoint is not None else None))
         if resumed_from is not None and is_main():
-            print(f"resuming from {resumed_from} (step {start_step})", flush=True)
+            say(f"resuming from {resumed_from} (step {start_step})")
 
         engine, val_engine = open_engines(cfg, policy, cleanup, resumed=checkpoint is not None)
         val_chunk = max(1, r.prompts_per_step * r.n // world)

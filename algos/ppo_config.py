@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-from algos.config import AlgoConfig, GRPOConfig, KLConfig, load_config
+from algos.config import AlgoConfig, ConfigError, GRPOConfig, KLConfig, load_config
 
 __all__ = ["CRITIC_KINDS", "PPOAlgoConfig", "CriticConfig", "PPOConfig", "load_ppo_config", "register_ppo_configs"]
 
@@ -95,7 +95,7 @@ class PPOConfig(GRPOConfig):
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config {key}: {message}")
+        raise ConfigError(f"config {key}: {message}")
 
 
 def _validate(cfg: PPOConfig) -> None:

@@ -21,6 +21,7 @@ oracle before training when `data.oracle.tasks` is set. Configuration: `conf/sft
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -32,12 +33,13 @@ import torch
 
 from agents.policy import Policy
 from agents.trajectory import Trajectory
-from algos.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from algos.config import config_to_dict, hydra_main
+from algos.checkpoint import finished_run, list_checkpoints, load_checkpoint, plan_resume, save_checkpoint
+from algos.cli import hydra_main
+from algos.config import config_to_dict
 from algos.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed, is_main
 from algos.sft_config import SFTConfig
 from algos.sft_data import SFTExamples, build_examples, micro_batches, read_records
-from algos.tracking import Tracker, print_run_summary
+from algos.tracking import Tracker, print_run_summary, say
 from algos.train_step import PromptSampler, build_optimizer, build_scheduler, seed_everything, update_step
 from cv_env.protocol import get_prompt
 
@@ -53,26 +55,32 @@ HF_DIR = "hf"  # <output_dir>/hf/step_<n>/: the Hugging Face folders GRPO and ev
 
 
 def _oracle_demos(cfg: SFTConfig, output_dir: Path) -> Path:
-    """Record (once per run folder) the oracle's demonstrations; return their JSONL path."""
+    """Record (once per run folder and settings) the oracle's demonstrations; return their JSONL path."""
     from agents.collect import collect
 
     o = cfg.data.oracle
     final = output_dir / "demos"
     demos = final / "oracle.jsonl"
-    if is_main() and not demos.is_file():
+    settings = dict(model=cfg.model.path, tasks=o.tasks, split=o.split, num_tasks=o.num_tasks, max_turns=o.max_turns,
+                    max_pixels=cfg.data.max_pixels, max_total_tokens=cfg.data.max_tokens, seed=cfg.trainer.seed,
+                    prompt=cfg.data.prompt, tool_rate=o.tool_rate)
+    recorded = final / "settings.json"
+    same = demos.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == settings
+    if is_main() and not same:
+        if demos.is_file():
+            say(f"the demonstrations in {final} were recorded with other data.oracle settings: recording them again")
         # Recorded in a side folder and renamed, so a killed collection is never read as complete.
         tmp = output_dir / ".tmp-demos"
         shutil.rmtree(tmp, ignore_errors=True)
-        result = collect(cfg.model.path, o.tasks, o.split, o.num_tasks, str(tmp / "oracle.jsonl"),
-                         max_turns=o.max_turns, max_pixels=cfg.data.max_pixels, max_total_tokens=cfg.data.max_tokens,
-                         workers=o.workers, seed=cfg.trainer.seed, prompt=cfg.data.prompt, tool_rate=o.tool_rate)
+        result = collect(out=str(tmp / "oracle.jsonl"), workers=o.workers, **settings)
         if result["kept"] == 0:
             raise RuntimeError(f"the oracle earned the ideal reward on none of the {o.num_tasks} tasks of "
                                f"{o.tasks!r}: no demonstrations to train on (check data.oracle.max_turns)")
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        print(f"recorded {result['kept']} oracle demonstrations in {demos} ({result['skipped']} below the reward "
-              f"of the oracle's plan left out)", flush=True)
+        say(f"recorded {result['kept']} oracle demonstrations in {demos} ({result['skipped']} below the reward "
+            f"of the oracle's plan left out)")
     barrier()
     return demos
 
@@ -105,8 +113,8 @@ def prepare_data(cfg: SFTConfig, policy: Policy,
     val, val_stats = build_examples(renderer, val_records[:d.val_size], **options) if val_records else (None, {})
     for name, stats in (("training", train_stats), ("validation", val_stats)):
         if stats.get("invalid") or stats.get("too_long"):
-            print(f"{name} data: kept {stats['kept']}, left out {stats['invalid']} invalid and {stats['too_long']} "
-                  f"longer than data.max_tokens={d.max_tokens}; first errors: {stats['errors']}", flush=True)
+            say(f"{name} data: kept {stats['kept']}, left out {stats['invalid']} invalid and {stats['too_long']} "
+                f"longer than data.max_tokens={d.max_tokens}; first errors: {stats['errors']}")
     if not train:
         raise ValueError(f"no usable training example in {files}: {train_stats['invalid']} invalid, "
                          f"{train_stats['too_long']} longer than data.max_tokens={d.max_tokens}")
@@ -235,9 +243,11 @@ def export_hf(policy: Policy, path: str | Path) -> Path:
     return path
 
 
-def _prune_exports(root: Path, keep_last: int) -> None:
+def _prune_exports(root: Path, step: int, keep_last: int) -> None:
+    """Keep the last `keep_last` exports up to `step`; later ones are an older run's (as checkpoints)."""
     exports = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in exports[:-keep_last]:
+    current = [p for p in exports if int(p.name.split("_")[1]) <= step]
+    for old in set(exports) - set(current[-keep_last:]):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -253,18 +263,22 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     rank, world = dist_info.rank, dist_info.world_size
     a, t = cfg.algo, cfg.trainer
     output_dir = Path(t.output_dir)
+    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), None)  # a changed config stops here
     seed_everything(t.seed + rank)
 
     policy = load_sft_policy(cfg, dist_info.device)
     train, val, data_figures = prepare_data(cfg, policy, output_dir)
     steps_per_epoch = math.ceil(len(train) / a.batch_size)
     total_steps = t.total_steps or t.epochs * steps_per_epoch
+    if point.checkpoint is not None and point.step >= total_steps:
+        destroy_distributed()
+        return finished_run("SFT", point, output_dir)
     optimizer = build_optimizer(policy.named_parameters(), a)
     scheduler = build_scheduler(optimizer, a, total_steps)
     sampler = PromptSampler(len(train), seed=t.seed)
 
     start_step, resumed_from = 0, None
-    checkpoint = resolve_resume(t.resume, output_dir)
+    checkpoint = point.checkpoint
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
         start_step, resumed_from = state.step, state.path
@@ -272,9 +286,9 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     tracker = Tracker(cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=total_steps,
                       resume_step=start_step if checkpoint is not None else None)
     if is_main():
-        print(f"SFT on {len(train)} examples ({int(data_figures['data/assistant_tokens'])} assistant tokens), "
-              f"{len(val) if val else 0} for validation; {total_steps} steps of {a.batch_size}"
-              + (f"; resuming from {resumed_from} (step {start_step})" if resumed_from else ""), flush=True)
+        say(f"SFT on {len(train)} examples ({int(data_figures['data/assistant_tokens'])} assistant tokens), "
+            f"{len(val) if val else 0} for validation; {total_steps} steps of {a.batch_size}"
+            + (f"; resuming from {resumed_from} (step {start_step})" if resumed_from else ""))
 
     params = list(policy.parameters())
     summary: dict[str, Any] = {"output_dir": str(output_dir), "total_steps": total_steps,
@@ -316,7 +330,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                                 extra={"config": config_to_dict(cfg)}, keep_last=t.keep_last)
                 if is_main():
                     hf_path = export_hf(policy, output_dir / HF_DIR / f"step_{step:08d}")
-                    _prune_exports(output_dir / HF_DIR, t.keep_last)
+                    _prune_exports(output_dir / HF_DIR, step, t.keep_last)
                 barrier()
     finally:
         tracker.finish()
@@ -334,7 +348,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     if is_main():
         print_run_summary("SFT", summary, ("actor/loss", "val/loss"), "run the same command again to continue",
                           [f"  HF model:      {summary['hf_model'] or 'none'}  (GRPO from it: python -m algos.grpo ... "
-                           f"model.path={summary['hf_model']})"])
+                           f"model.path={summary['hf_model']} output_dir=<a new run folder>)"])
     destroy_distributed()
     return summary
 

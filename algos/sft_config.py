@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-from algos.config import DTYPES, SCHEDULERS, WANDB_MODES, LoggerConfig, ModelConfig, load_config
+from algos.config import DTYPES, SCHEDULERS, WANDB_MODES, ConfigError, LoggerConfig, ModelConfig, load_config
 from agents.templates import TOOL_RESPONSE_FORMATS
 from cv_env.protocol import PROMPTS
 
@@ -107,7 +107,7 @@ class SFTConfig:
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config {key}: {message}")
+        raise ConfigError(f"config {key}: {message}")
 
 
 def _choice(value: str, choices: Sequence[str], key: str) -> None:

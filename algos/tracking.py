@@ -46,6 +46,7 @@ continues the same W&B run).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
@@ -62,7 +63,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "check_metric_name", "read_metrics",
-           "print_run_summary"]
+           "print_run_summary", "say"]
 
 NAMESPACES = ("reward", "val", "tool", "episode", "rollout", "actor", "critic", "time", "throughput", "data")
 STANDALONE = ("lr",)
@@ -70,6 +71,26 @@ PROGRESS_KEYS = {"reward/total": "reward", "val/acc": "val_acc", "actor/kl": "kl
                  "val/loss": "val_loss"}
 RESERVED = ("step", "time")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Besides the progress bar, the figures of each step as one line of the run's log file.
+STEP_LOG_KEYS = ("reward/total", "val/acc", "actor/loss", "actor/kl", "val/loss", "tool/calls_per_episode", "time/step")
+
+# Messages for the person running a job. The entry points' logging (conf/hydra/job_logging/)
+# shows them on the console and keeps them in <run folder>/<job>.log; `codevision.steps` holds
+# the per-step lines, which go to that file only.
+_messages = logging.getLogger("codevision")
+_messages.setLevel(logging.INFO)
+_step_lines = logging.getLogger("codevision.steps")
+
+
+def say(message: str, level: int = logging.INFO) -> None:
+    """Tell the person running the job: through logging where it is configured (the entry points:
+    console and run log; pytest), else printed (a plain script or notebook)."""
+    if _messages.hasHandlers():
+        _messages.log(level, message)
+    else:
+        import sys
+
+        print(message, file=sys.stdout if level < logging.WARNING else sys.stderr, flush=True)
 
 
 def check_metric_name(name: str) -> None:
@@ -196,6 +217,7 @@ class Tracker:
         self._postfix: dict[str, str] = {}
         self._warned_nonfinite: set[str] = set()
         self._metrics_file = None
+        self._total_steps = total_steps
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +227,9 @@ class Tracker:
         self._prepare_files(resume_step)
         if self.metrics_path is not None:
             self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        if cfg.mode == "auto" and self.mode == "offline" and not os.environ.get("WANDB_MODE"):
+            say(f"W&B: no API key (WANDB_API_KEY or `wandb login`), so this run logs offline to {self.output_dir}/wandb; "
+                "`wandb sync` uploads it later (logger.mode=offline says so up front, logger=local turns W&B off)")
         if self.mode != "disabled":
             self._start_wandb(cfg, run_config, resume_step)
         if cfg.progress_bar:
@@ -288,6 +313,9 @@ class Tracker:
         if not self.enabled:
             return
         step = int(step)
+        shown = " ".join(f"{k}={values[k]:.4g}" for k in STEP_LOG_KEYS if k in values)
+        of_total = f"/{self._total_steps}" if self._total_steps else ""
+        _step_lines.debug(f"step {step}{of_total} {shown}".rstrip())
         if self._metrics_file is not None:
             record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
             # Strict JSON has no NaN/inf: write null, and say so once per metric.
@@ -389,7 +417,8 @@ class Tracker:
 
 def print_run_summary(algorithm: str, summary: Mapping[str, Any], figures: Sequence[str], checkpoint_note: str,
                       extra_lines: Sequence[str] = ()) -> None:
-    """The console report at the end of a training run (rank 0 only, by the caller).
+    """The report at the end of a training run, on the console and in the run log (rank 0 only,
+    by the caller; see `say`).
 
     summary: the trainer's summary (steps, resumed_from, output_dir, metrics_path, checkpoint,
     wandb_mode, last_metrics). figures: the metric names to show from its last metrics (missing
@@ -411,4 +440,4 @@ def print_run_summary(algorithm: str, summary: Mapping[str, Any], figures: Seque
         f"  checkpoint:    {summary['checkpoint'] or 'none'}  ({checkpoint_note})",
         f"  W&B:           {summary['wandb_mode']}{wandb_note}",
     ]
-    print("\n".join(lines), flush=True)
+    say("\n".join(lines))

@@ -22,7 +22,8 @@ Stages, each the project's own entry point run as a subprocess (what a user woul
        GRPO's sampling temperature (avg@4), the policy GRPO actually optimises.
 
 Settings not given on the command line are the recipe's (`conf/exp/tiny_learn_sft.yaml`,
-`conf/exp/tiny_learn.yaml`). Prints the table and each stage's wall time, writes
+`conf/exp/tiny_learn.yaml`). Each stage prints one line with its command and log file, then its
+progress bar (rate, ETA) on one console line while it runs. Prints the table and each stage's wall time, writes
 `<out>/learn_curve.png` (SFT validation loss; GRPO training reward, validation accuracy and tool
 calls; the held-out evaluations) and `<out>/summary.json`, and logs them to a W&B offline run in
 `<out>/wandb`. Every stage's own run folder (metrics.jsonl, W&B files, checkpoints, report.json)
@@ -34,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,15 +51,48 @@ from algos.sft_config import load_sft_config  # noqa: E402
 CHANCE = 0.25  # four answer choices
 
 
-def run_stage(name: str, args: list[str], log: Path) -> float:
-    """Run `python -m <args>` with output to `log`; return its wall time; raise naming the log on failure."""
+def _last_progress(log: Path) -> str:
+    """What a stage last wrote to its log: the state of its progress bar, or its last message."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+        tail = handle.read().decode("utf-8", "replace")
+    parts = [part.strip() for part in re.split(r"[\r\n]", tail) if part.strip()]
+    return parts[-1] if parts else "starting"
+
+
+def run_stage(name: str, args: list[str], log: Path, every_s: float = 60.0) -> float:
+    """Run `python -m <args>` with its output to `log`; return its wall time; raise naming the log on failure.
+
+    While it runs, its progress bar (rate, ETA) shows on one console line, refreshed in place on
+    a terminal and printed every `every_s` seconds otherwise.
+    """
     start = time.perf_counter()
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: python -m {' '.join(args)}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: python -m {' '.join(args)} > {log}", flush=True)
+    in_place = sys.stdout.isatty()
+    shown_at = time.monotonic()
     with open(log, "w") as handle:
-        code = subprocess.call([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", *args], stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            while process.poll() is None:
+                try:
+                    process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+                if in_place:
+                    width = shutil.get_terminal_size().columns - 1
+                    print("\r" + f"    {_last_progress(log)}"[:width].ljust(width), end="", flush=True)
+                elif time.monotonic() - shown_at >= every_s:
+                    print(f"    {name}: {_last_progress(log)}", flush=True)
+                    shown_at = time.monotonic()
+        finally:
+            if process.poll() is None:  # interrupted: do not leave the stage running
+                process.terminate()
+                process.wait()
+            if in_place:
+                print("\r\033[K", end="", flush=True)
     seconds = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"stage {name!r} failed with exit code {code}: see {log}")
+    if process.returncode != 0:
+        raise RuntimeError(f"stage {name!r} failed with exit code {process.returncode}: see {log}")
     print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {seconds:.0f} s", flush=True)
     return seconds
 
@@ -236,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "algos.sft", "+exp=tiny_learn_sft", f"model.path={model}", f"data.oracle.tasks={args.tasks}",
         f"data.oracle.num_tasks={args.demos}", f"data.oracle.tool_rate={args.tool_rate}",
         f"trainer.total_steps={args.sft_steps}", f"trainer.val_every={max(1, args.sft_steps // 6)}",
-        f"trainer.output_dir={sft_dir}", f"trainer.seed={args.seed}", "logger.progress_bar=false",
+        f"trainer.output_dir={sft_dir}", f"trainer.seed={args.seed}",
     ], out / "sft.log")
     sft_model = str(latest(sft_dir / "hf"))
     evaluate_stage("after SFT", "sft", sft_model)
@@ -246,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         "algos.grpo", "+exp=tiny_learn", f"model.path={sft_model}", f"env.tasks={args.tasks}",
         f"env.val_tasks={args.tasks}", f"trainer.total_steps={args.grpo_steps}",
         f"trainer.val_every={args.grpo_val_every}", f"trainer.output_dir={grpo_dir}", f"trainer.seed={args.seed}",
-        "logger.progress_bar=false",
     ], out / "grpo.log")
     evaluate_stage("after GRPO", "grpo", sft_model, checkpoint=str(grpo_dir))
 

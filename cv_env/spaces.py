@@ -57,6 +57,13 @@ class MessageText(Text):
         super().__init__(max_length=max_length, min_length=min_length,
                          charset=text_charset() if charset is None else charset, seed=seed)
 
+    def __repr__(self) -> str:
+        # Text's own repr prints every character: 55 KB for the default charset.
+        charset = "text_charset()" if self.characters == text_charset() else repr(self.characters)
+        if len(charset) > 40:
+            charset = f"<{len(self.characters)} characters>"
+        return f"MessageText(min_length={self.min_length}, max_length={self.max_length}, charset={charset})"
+
 
 def text_space(max_length: int) -> MessageText:
     """A Text space for model-facing text (may be empty)."""

@@ -211,7 +211,8 @@ def test_wheel_ships_the_configs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("algos/conf/grpo.yaml", "algos/conf/__init__.py", "algos/config.py"):
+    for required in ("algos/conf/grpo.yaml", "algos/conf/__init__.py", "algos/config.py",
+                     "algos/conf/hydra/job_logging/codevision.yaml"):  # nested groups ship too
         assert required in names
     for exp in ("tiny", "qwen25vl", "qwen3vl"):
         assert f"algos/conf/exp/{exp}.yaml" in names
@@ -242,7 +243,8 @@ def test_wheel_ships_the_configs(tmp_path):
 
 ENTRY_POINT = """
 import json, sys
-from algos.config import GRPOConfig, hydra_main
+from algos.cli import hydra_main
+from algos.config import GRPOConfig
 
 @hydra_main("grpo")
 def main(cfg: GRPOConfig) -> None:
@@ -275,3 +277,4 @@ def test_hydra_main_entry_point(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
     assert typo.returncode != 0 and "algo.lrr" in typo.stderr and "RECEIVED" not in typo.stdout
+    assert "did you mean algo.lr?" in typo.stderr and "+algo.lrr" not in typo.stderr and "Traceback" not in typo.stderr

@@ -71,11 +71,11 @@ DOCUMENTED = [
 # --------------------------------------------------------------------------------------------
 
 
-def test_tiny_run_trains_logs_checkpoints_and_resumes(tmp_path, capsys):
+def test_tiny_run_trains_logs_checkpoints_and_resumes(tmp_path, caplog):
     out = tmp_path / "run"
     summary = run(load_config(TINY_RUN + ["trainer.total_steps=2", f"trainer.output_dir={out}"]))
     assert summary["steps"] == 2 and summary["resumed_from"] is None
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "GRPO finished at step 2" in printed and str(out / "metrics.jsonl") in printed
 
     records = read_metrics(out / "metrics.jsonl")
@@ -106,7 +106,7 @@ def test_tiny_run_trains_logs_checkpoints_and_resumes(tmp_path, capsys):
     # Resume: the same command with a longer horizon continues at step 3 and prompt 5.
     summary = run(load_config(TINY_RUN + ["trainer.total_steps=3", f"trainer.output_dir={out}"]))
     assert summary["steps"] == 3 and summary["resumed_from"].endswith("step_00000002")
-    assert "resuming from" in capsys.readouterr().out
+    assert "resuming from" in caplog.text
     records = read_metrics(out / "metrics.jsonl")
     lines = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines == [0, 1, 2, 3]  # nothing repeated, nothing lost; no second baseline validation
@@ -494,7 +494,8 @@ def test_cli_run_killed_mid_way_resumes_without_repeating_or_losing_steps(tmp_pa
     assert process.returncode == -signal.SIGKILL
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout and "GRPO finished at step 3" in done.stdout
+    assert "resuming from" in done.stderr and "GRPO finished at step 3" in done.stderr  # messages: stderr, and grpo.log
+    assert "GRPO finished at step 3" in (out / "grpo.log").read_text()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
     state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())

@@ -77,3 +77,14 @@ def test_the_test_command_fails_when_a_test_fails(tmp_path):
     proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 failed" in proc.stdout
+
+
+def test_algos_without_the_train_extra_names_the_extra():
+    """The environment-only install has no Hydra: `python -m algos.evaluate model=oracle` must say
+    to install [train], not fail on a bare import deep inside."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['hydra'] = None\nimport algos.evaluate"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert "ModuleNotFoundError: algos (trainers and evaluation) needs the [train] extra, and hydra is missing" in proc.stderr
+    assert "pip install -e '.[train]'" in proc.stderr

@@ -253,10 +253,10 @@ LOGGED = [
 ]
 
 
-def test_tiny_ppo_run_trains_policy_and_critic_logs_and_checkpoints(tmp_path, capsys):
+def test_tiny_ppo_run_trains_policy_and_critic_logs_and_checkpoints(tmp_path, caplog):
     out = tmp_path / "run"
     summary = run(load_ppo_config(TINY_RUN + ["trainer.total_steps=2", f"trainer.output_dir={out}"]))
-    assert summary["steps"] == 2 and "PPO finished at step 2" in capsys.readouterr().out
+    assert summary["steps"] == 2 and "PPO finished at step 2" in caplog.text
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and "val/acc" in records[-1]
     for record in records:

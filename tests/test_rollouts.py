@@ -48,13 +48,13 @@ def test_step_metrics_use_the_updates_rewards_and_the_rollout_time():
     assert "reward/necessity" not in step_metrics(trajectories, rewards_G, [0.0, 0.0], 0.0, timings, 2)
 
 
-def test_run_summary_shows_the_finite_figures_and_how_to_continue(capsys):
+def test_run_summary_shows_the_finite_figures_and_how_to_continue(caplog):
     summary = {"steps": 3, "resumed_from": "out/checkpoints/step_00000001", "output_dir": "out", "metrics_path": None,
                "checkpoint": "out/checkpoints/step_00000003", "wandb_mode": "offline",
                "last_metrics": {"actor/loss": 0.123456, "val/loss": math.nan, "reward/total": 1}}
     print_run_summary("SFT", summary, ("actor/loss", "val/loss", "val/acc"), "run it again to continue",
                       ["  HF model:      out/hf/step_3"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = caplog.messages[-1].splitlines()  # said through logging (console and run log), see algos.tracking.say
     assert lines[0] == "SFT finished at step 3 (resumed from out/checkpoints/step_00000001)"
     assert lines[1] == "  last figures:  actor/loss=0.1235"  # nan and absent figures are left out
     assert "off (logger.metrics_jsonl=null)" in lines[3] and lines[4] == "  HF model:      out/hf/step_3"

@@ -199,3 +199,16 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     assert resolve_wandb_mode("auto") == "online"  # `wandb login` credentials count
     with pytest.raises(ValueError, match="logger.mode 'cloud'"):
         resolve_wandb_mode("cloud")
+
+
+def test_auto_mode_says_when_it_logs_offline_and_each_step_has_a_log_line(tmp_path, caplog):
+    caplog.set_level("DEBUG", logger="codevision.steps")
+    with Tracker(LoggerConfig(mode="auto", progress_bar=False), tmp_path, total_steps=2) as tracker:
+        assert tracker.mode == "offline"
+        tracker.log({"reward/total": 0.5, "actor/kl": 0.25, "data/epoch": 0.0}, step=1)
+    assert "W&B: no API key" in caplog.text and "logs offline" in caplog.text and "wandb sync" in caplog.text
+    assert "step 1/2 reward/total=0.5 actor/kl=0.25" in caplog.text  # the run log's line for the step
+    caplog.clear()
+    with Tracker(LoggerConfig(mode="offline", progress_bar=False), tmp_path / "chosen"):
+        pass
+    assert "no API key" not in caplog.text  # offline on purpose: nothing to say
