@@ -85,3 +85,18 @@ def test_module_fingerprint_notices_a_rebinding(modules):
     finally:
         modules["numpy"].rot90 = original
     assert _module_fingerprint(modules) == before
+
+
+def test_a_held_global_lock_makes_the_worker_unclean():
+    """A worker checks numpy's global generator lock before replying: kept, the worker retires
+    (in its guilty call) rather than hanging the next call's np.random."""
+    from cv_env.sandbox.worker import _global_locks_free
+
+    assert _global_locks_free()
+    lock = np.random.get_bit_generator().lock
+    lock.acquire()
+    try:
+        assert not _global_locks_free()
+    finally:
+        lock.release()
+    assert _global_locks_free()
