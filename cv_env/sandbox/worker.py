@@ -169,8 +169,11 @@ def _module_fingerprint(modules: dict) -> int:
 
 
 def _global_locks_free() -> bool:
-    """numpy's global bit generator lock is free (a snippet that kept it would hang the next one)."""
-    lock = np.random.get_bit_generator().lock
+    """numpy's global bit generator lock is not held (a snippet that kept it would leave the
+    next call's np.random waiting, wherever a second thread ever takes it)."""
+    lock = np.random.get_bit_generator().lock  # a threading.RLock: held by this thread or another?
+    if getattr(lock, "_is_owned", lambda: False)():
+        return False
     if not lock.acquire(blocking=False):
         return False
     lock.release()
