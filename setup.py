@@ -37,6 +37,11 @@ TRAIN = [
     "matplotlib>=3.8",
 ]
 VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
+# Our env inside other trainers (integrations/): the versions the tests ran with, pinned.
+TRL = ["trl==1.16.0"]  # GRPOTrainer's environment_factory with multimodal tool replies
+# verl 0.9.1 declares transformers<5.11 (and ray, tensordict, ...): it cannot share an environment
+# with our transformers pin; install it on its own stack (its BaseTool and reward API are what we use).
+VERL = ["verl==0.9.1"]
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]  # hypothesis: property tests
 
 CONF_PACKAGES = ["algos.conf"] + [
@@ -52,16 +57,19 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cv_env", "cv_env.*", "agents", "agents.*", "algos", "algos.*"])
+    packages=find_packages(include=["cv_env", "cv_env.*", "agents", "agents.*", "algos", "algos.*",
+                                    "integrations", "integrations.*"])
     + CONF_PACKAGES,
     # The top-level conf/ folder is installed as the package `algos.conf`, so a wheel install
     # finds the Hydra configs too (`algos.config.conf_dir()` looks in both places).
     package_dir={"algos.conf": "conf"},
-    package_data={"agents": ["*.jinja"], **{name: ["*.yaml"] for name in CONF_PACKAGES}},
+    package_data={"agents": ["*.jinja"], "integrations": ["*.yaml"], **{name: ["*.yaml"] for name in CONF_PACKAGES}},
     install_requires=CORE,
     extras_require={
         "train": TRAIN,
         "vllm": TRAIN + VLLM,
+        "trl": TRAIN + TRL,
+        "verl": TRAIN + VERL,
         "test": TRAIN + TEST,
         "all": TRAIN + VLLM + TEST,
     },

@@ -203,6 +203,26 @@ class CodeVisionEnv(gym.Env):
         """All images of the episode at full resolution (inputs, then tool outputs)."""
         return [] if self._episode is None else [item.image for item in self._episode.images]
 
+    def outcome(self, correct: bool = False) -> EpisodeOutcome:
+        """The current episode as the reward sees it (turns, verified ops, crop boxes in the bbox's
+        frame, calls), with `correct` as the answer's verdict: what `episode_components` scores.
+
+        For a reward computed elsewhere than in this env (e.g. a trainer's reward function in
+        another process, given the record of the tool calls this env ran)."""
+        episode = self._episode
+        if episode is None:
+            raise RuntimeError("no episode yet: call reset() first")
+        return EpisodeOutcome(
+            assistant_turns=list(episode.assistant_turns),
+            correct=bool(correct),
+            required_ops=episode.task.required_ops,
+            used_ops=set(episode.used_ops),
+            crop_boxes=list(episode.crop_boxes),
+            bbox=episode.task.bbox,
+            n_calls=episode.n_calls,
+            n_failed=episode.n_failed,
+        )
+
     # -- gym API --------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -406,17 +426,7 @@ class CodeVisionEnv(gym.Env):
         if not correct and answer is not None and self.judge is not None:
             verdict = self.judge.judge(task.question, task.answer, answer)  # None: the judge failed
             correct = correct if verdict is None else verdict
-        outcome = EpisodeOutcome(
-            assistant_turns=list(episode.assistant_turns),
-            correct=bool(correct),
-            required_ops=task.required_ops,
-            used_ops=set(episode.used_ops),
-            crop_boxes=list(episode.crop_boxes),
-            bbox=task.bbox,
-            n_calls=episode.n_calls,
-            n_failed=episode.n_failed,
-        )
-        components = episode_components(outcome, self.reward_config)
+        components = episode_components(self.outcome(correct=bool(correct)), self.reward_config)
         reward = components["total"] - episode.paid  # what earlier steps did not pay yet
         episode.paid += reward
         episode.done = True

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with the CPU build of PyTorch and the project.
-#   bash scripts/setup.sh [extras]      (default extras: train,test)
+#   bash scripts/setup.sh [extras]      (default extras: train,test,trl — the TRL integration test runs in CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-train,test}"
+extras="${1:-train,test,trl}"
 python3 -m venv .venv
 # torch first, pinned: an unpinned torch would resolve to a multi-GB CUDA build on CPU machines.
 .venv/bin/pip install --quiet "torch==2.13.0"

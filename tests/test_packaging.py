@@ -50,8 +50,9 @@ def test_the_blocker_really_blocks():
 
 
 def test_imports_run_one_way():
-    """cv_env never imports agents/algos; agents never imports algos."""
-    for package, forbidden in (("cv_env", ("agents", "algos")), ("agents", ("algos",))):
+    """cv_env never imports agents/algos; agents never imports algos; nothing imports integrations."""
+    for package, forbidden in (("cv_env", ("agents", "algos", "integrations")), ("agents", ("algos", "integrations")),
+                               ("algos", ("integrations",))):
         for path in (ROOT / package).rglob("*.py"):
             text = path.read_text()
             for name in forbidden:
