@@ -28,6 +28,7 @@ from algos.eval_config import normalize_overrides
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 HYDRA_APPS = {"algos.grpo": "grpo", "algos.ppo": "ppo", "algos.sft": "sft", "algos.evaluate": "evaluate"}
+OUR_PACKAGES = {"algos", "agents", "cv_env", "integrations", "pytest"}
 PYTHONS = ("python", ".venv/bin/python", "torchrun")
 
 
@@ -106,7 +107,14 @@ def test_every_readme_command_names_an_entry_point_and_options_that_exist(offset
         assert set((extras or "").split(",")) - {""} <= _extras(), command
     elif program in PYTHONS:
         module, args = _module_and_args(command)
-        if module in HYDRA_APPS:  # as `--cfg job`: every key exists, every value is valid
+        if "-m" in command and module.split(".")[0] not in OUR_PACKAGES:  # another project's entry point (verl):
+            for arg in args:  # what it is given of ours must exist
+                value = arg.split("=", 1)[-1]
+                if value.startswith("pkg://"):
+                    assert importlib.util.find_spec(value[len("pkg://"):]) is not None, arg
+                elif re.fullmatch(r"[\w./-]+\.(yaml|yml|jsonl|json|parquet|py)", value):
+                    assert (ROOT / value).is_file(), arg
+        elif module in HYDRA_APPS:  # as `--cfg job`: every key exists, every value is valid
             name = HYDRA_APPS[module]
             overrides = prepare_overrides(name, args, normalize_overrides if name == "evaluate" else None)
             load_config(overrides, config_name=name)
@@ -152,7 +160,8 @@ def _expected_outputs(code: str) -> list[str]:
 
 
 def test_the_quickstart_prints_what_the_readme_shows():
-    (_, code), = _blocks("python")
+    quickstart = README.index("## Quickstart")
+    code = next(block for offset, block in _blocks("python") if offset > quickstart)
     expected = _expected_outputs(code)
     assert len(expected) >= 3
     out = io.StringIO()
