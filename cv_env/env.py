@@ -23,8 +23,10 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image
 
+from cv_env import release_rules
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
+from cv_env.judge import LLMJudge, make_judge
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, get_prompt, parse_action, render_tool_call
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
 from cv_env.sandbox import Sandbox
@@ -51,6 +53,7 @@ class _Episode:
     assistant_turns: list[str] = field(default_factory=list)
     used_ops: set[str] = field(default_factory=set)
     crop_boxes: list[list[float]] = field(default_factory=list)  # in the bbox's frame (image 0)
+    source_crop_boxes: list[list[float]] = field(default_factory=list)  # in the image each was cut from
     n_calls: int = 0
     n_failed: int = 0
     paid: float = 0.0  # rewards already paid by earlier steps
@@ -77,6 +80,8 @@ class CodeVisionEnv(gym.Env):
         tasks: "synthetic" (the built-in suite), a category name, a parquet path, a
             `TaskSource`, or a list of `Task`.
         split: which split of a generated suite ("train", "validation", "test").
+        task_options: options of the task loader (`cv_env.tasks.load_tasks`), e.g.
+            `{"crop_from_bbox": True, "answer_field": "extra_info.answer"}` for parquet files.
         max_turns: assistant turns before the episode is truncated.
         reward: a `RewardConfig`, a preset name ("codevision", "codevision_release"), or a dict
             of weights (unknown keys are an error).
@@ -90,7 +95,8 @@ class CodeVisionEnv(gym.Env):
             tool schema the chat template lists; the default) or "compact" (~5x fewer tokens).
             `tools` holds the preset's schemas for the renderer of the conversation.
         system_prompt: replaces the preset's system message (default: the preset's).
-        judge: optional `cv_env.judge` config dict: an LLM judge for answers the rules reject.
+        judge: an LLM judge for answers the rules reject: a `cv_env.judge` config dict, or one
+            shared `cv_env.judge.LLMJudge` for many envs (one cache, one concurrency limit).
         render_mode: None or "ansi" (the conversation as text).
     """
 
@@ -109,14 +115,15 @@ class CodeVisionEnv(gym.Env):
         max_action_chars: int = 65536,
         prompt: str = "full",
         system_prompt: str | None = None,
-        judge: dict | None = None,
+        judge: LLMJudge | dict | None = None,
         render_mode: str | None = None,
+        task_options: dict | None = None,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.tasks = load_tasks(tasks, split=split)
+        self.tasks = load_tasks(tasks, split=split, **(task_options or {}))
         if len(self.tasks) == 0:
             raise ValueError("the task source is empty: give the environment at least one task")
         self.max_turns = int(max_turns)
@@ -131,11 +138,7 @@ class CodeVisionEnv(gym.Env):
         self.prompt = prompt
         self.system_prompt = preset.system if system_prompt is None else str(system_prompt)
         self.tools = [dict(tool) for tool in preset.tools]
-        self.judge = None
-        if judge:
-            from cv_env.judge import LLMJudge  # only when configured
-
-            self.judge = LLMJudge.from_config(judge)
+        self.judge = make_judge(judge)
         self.render_mode = render_mode
         self.observation_space = observation_space(max_images_per_observation, self.max_pixels, self.max_text_chars)
         self.action_space = text_space(max_action_chars)
@@ -219,6 +222,8 @@ class CodeVisionEnv(gym.Env):
             # (The format term is 0 by its own rule: the turn has no <answer>.)
             return self._finish(extract_answer(text), info, terminated=True, obs=None)
 
+        if n_turns >= self.max_turns and self.reward_config.last_turn_call == "skip":
+            return self._finish(None, info, terminated=False, obs=None)  # as the release: the call never runs
         obs, ok = self._run_tool(turn, info)
         if n_turns >= self.max_turns:  # the final step pays all that is left, this call included
             return self._finish(None, info, terminated=False, obs=obs)
@@ -311,7 +316,8 @@ class CodeVisionEnv(gym.Env):
         return {"role": "tool", "text": message, "images": shown_images}, ok
 
     def _record_success(self, result) -> None:
-        """Add the output image with its frame, and collect ops and crop boxes in image 0's frame."""
+        """Add the output image with its frame, and collect ops and crop boxes: in image 0's frame
+        (where a frame chain reaches it) and as cut, in the pixels of the call's source image."""
         episode = self._episode
         source = result.source_index
         root, frame = None, None
@@ -324,6 +330,7 @@ class CodeVisionEnv(gym.Env):
             episode.used_ops.add(op["name"])
             if op["name"] != "crop" or "source_box" not in op or source is None:
                 continue
+            episode.source_crop_boxes.append(list(op["source_box"]))  # host-verified, in images[source]
             parent = episode.images[source]
             if parent.root == 0 and parent.frame is not None:  # bbox is given on image 0
                 episode.crop_boxes.append(parent.frame.box_to_source(op["source_box"]))
@@ -331,16 +338,24 @@ class CodeVisionEnv(gym.Env):
     def _finish(self, answer: str | None, info: dict, *, terminated: bool, obs: dict | None):
         episode = self._episode
         task = episode.task
-        correct = answer is not None and check_answer(answer, task.answer, task.answer_type)
-        if not correct and answer is not None and self.judge is not None:
-            verdict = self.judge.judge(task.question, task.answer, answer)  # None: the judge failed
-            correct = correct if verdict is None else verdict
+        cfg = self.reward_config
+        if cfg.answer_rules == "release":  # the release reads the answer from the whole response
+            answer = release_rules.extract_answer(release_rules.response_text(episode.assistant_turns))
+            correct = release_rules.answers_equivalent(answer, task.answer)
+        else:
+            correct = answer is not None and check_answer(answer, task.answer, task.answer_type)
+        if not correct and answer and answer.strip() and self.judge is not None:
+            ruling = self.judge.ask(task.question, task.answer, answer)
+            info["judge"] = {"correct": ruling.correct, "rule": correct, "source": ruling.source,
+                             "latency_s": ruling.latency_s}
+            correct = correct if ruling.correct is None else ruling.correct  # undecided: the rule verdict stands
+        crop_boxes = episode.source_crop_boxes if cfg.crop_frame == "source" else episode.crop_boxes
         outcome = EpisodeOutcome(
             assistant_turns=list(episode.assistant_turns),
             correct=bool(correct),
             required_ops=task.required_ops,
             used_ops=set(episode.used_ops),
-            crop_boxes=list(episode.crop_boxes),
+            crop_boxes=list(crop_boxes),
             bbox=task.bbox,
             n_calls=episode.n_calls,
             n_failed=episode.n_failed,
