@@ -6,8 +6,9 @@
 
 Plays every task (and, with `robustness=true`, each task under the five orientation transforms
 of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary `transform`,
-such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model through the rollout
-engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`, `random`) directly.
+such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
+through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
+`random`) directly.
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir`:
 
@@ -48,7 +49,8 @@ from cv_env.task import ORIENT_OPS, Task
 from cv_env.tasks import RobustnessWrapper, load_tasks
 from cv_env.tasks.parquet import ParquetTasks
 
-__all__ = ["evaluate", "evaluation_tasks", "load_policy", "run_scripted", "run_model", "agent_label", "main"]
+__all__ = ["evaluate", "evaluation_tasks", "orientation_variant", "load_policy", "run_scripted", "run_model",
+           "agent_label", "main"]
 
 
 def evaluation_tasks(cfg: EvalConfig) -> list[Task]:

@@ -103,7 +103,7 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
         "acc_without_calls": _mean(without_calls) if without_calls else None,
         "truncated": _mean([bool(e.truncated) for e in episodes]),
         "op_usage": op_usage,
-        "judge": judge_metrics([e.judge for e in episodes if getattr(e, "judge", None)]),
+        "judge": judge_metrics([e.judge for e in episodes if e.judge]),
     }
 
 

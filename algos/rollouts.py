@@ -233,7 +233,7 @@ def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, A
         "truncated": bool(trajectory.truncated),
         "num_failed_calls": int(trajectory.num_failed_calls),
         "used_ops": sorted(set(trajectory.used_ops)),
-        "judge": dict(getattr(trajectory, "judge", None) or {}),  # the judge's ruling, when it was asked
+        "judge": dict(trajectory.judge),  # the LLM judge's ruling on the answer ({} when not asked)
     }
     return summary
 

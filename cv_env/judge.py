@@ -240,16 +240,16 @@ class LLMJudge:
         start = time.monotonic()
         try:
             verdict = self._ask(build_messages(question, truth, prediction))
-        except _Undecided as error:
-            self._failed(str(error))
-            return Ruling(None, "server", time.monotonic() - start, str(error))
+        except Exception as error:  # _Undecided, or whatever else a server's reply provokes: never the run's end
+            reason = str(error) if isinstance(error, _Undecided) else f"{type(error).__name__}: {error}"
+            self._failed(reason)
+            return Ruling(None, "server", time.monotonic() - start, reason)
         with self._lock:
             self.stats["verdicts"] += 1
             self._failures_in_a_row = 0
             self._cache[key] = verdict
             if self.config.cache:
-                with open(self.config.cache, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "correct": verdict}) + "\n")
+                self._append_to_cache_file(key, verdict)
         return Ruling(verdict, "server", time.monotonic() - start)
 
     @property
@@ -278,6 +278,13 @@ class LLMJudge:
     def _key(self, question: str, truth: str, prediction: str) -> str:
         payload = json.dumps([self.config.model, question, truth, prediction], ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def _append_to_cache_file(self, key: str, verdict: bool) -> None:
+        try:
+            with open(self.config.cache, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "correct": verdict}) + "\n")
+        except OSError as error:  # a full disk costs later runs this verdict, not this run
+            logger.warning("could not add a verdict to the judge cache %s: %s", self.config.cache, error)
 
     def _load_cache(self, path: str) -> None:
         with open(path, encoding="utf-8") as f:
@@ -359,7 +366,7 @@ class LLMJudge:
     def _verdict_from(raw: bytes) -> bool:
         try:
             reply = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise _Undecided("the reply is not a chat completion") from None
         verdict = parse_verdict(reply)
         if verdict is None:

@@ -65,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return None
             if mode == "huge":
                 return self._send(200, b'{"choices": [' + b" " * (2 << 20) + b"]}")
+            if mode == "deep":  # JSON nested past the parser's recursion limit
+                return self._send(200, b"[" * 200_000)
             if mode == "wrongjson":
                 return self._send(200, b'{"object": "error", "message": "model not loaded"}')
             if mode == "down" and server.down:
@@ -187,7 +189,7 @@ def test_a_server_that_hangs_trickles_or_speaks_no_http_is_retried_then_left(ser
     assert judge.check("q", "4", "4.0", "number") is True  # rules still work
 
 
-@pytest.mark.parametrize("mode", ["garbage", "notjson", "forbidden", "wrongjson", "huge"])
+@pytest.mark.parametrize("mode", ["garbage", "notjson", "forbidden", "wrongjson", "huge", "deep"])
 def test_unusable_replies_are_counted_failures_without_retry(server, mode):
     judge = _judge(server, mode, retries=2, backoff_s=0.01)
     assert judge.judge("q", "4", "four") is None
@@ -213,6 +215,14 @@ def test_cache_in_memory_and_on_disk(server, tmp_path):
     before = len(server.requests)
     assert second.judge("q", "4", "four") is True
     assert len(server.requests) == before and second.stats["cache_hits"] == 1
+
+
+def test_a_cache_file_that_cannot_be_written_costs_nothing_but_a_warning(server, tmp_path, caplog):
+    judge = _judge(server, "good", cache=str(tmp_path / "no_such_folder" / "verdicts.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="cv_env.judge"):
+        assert judge.judge("q", "4", "four") is True
+    assert "could not add a verdict to the judge cache" in caplog.text
+    assert judge.judge("q", "4", "four") is True and judge.stats["cache_hits"] == 1  # still cached in memory
 
 
 def test_api_key_from_the_named_environment_variable(server, monkeypatch):
