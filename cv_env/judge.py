@@ -88,6 +88,12 @@ class JudgeConfig:
             raise ValueError(f"judge url {self.url!r} must start with http:// or https://")
         if not self.model:
             raise ValueError("judge model must be named (the model the endpoint serves)")
+        for name, kinds in (("retries", int), ("max_concurrency", int), ("max_tokens", int), ("failures_to_pause", int),
+                            ("timeout_s", (int, float)), ("backoff_s", (int, float)), ("pause_s", (int, float)),
+                            ("temperature", (int, float))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise TypeError(f"judge {name} must be a {'whole ' if kinds is int else ''}number, got {value!r}")
         checks = {
             "timeout_s": self.timeout_s > 0, "retries": self.retries >= 0, "backoff_s": self.backoff_s >= 0,
             "max_concurrency": self.max_concurrency >= 1, "max_tokens": self.max_tokens >= 1,

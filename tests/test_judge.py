@@ -240,6 +240,10 @@ def test_config_errors():
         JudgeConfig(url="localhost:8000", model="m")
     with pytest.raises(ValueError, match="max_concurrency=0"):
         JudgeConfig(url="http://h/v1", model="m", max_concurrency=0)
+    with pytest.raises(TypeError, match="judge retries must be a whole number, got 1.5"):
+        JudgeConfig(url="http://h/v1", model="m", retries=1.5)
+    with pytest.raises(TypeError, match="judge timeout_s must be a number, got 'fast'"):
+        JudgeConfig(url="http://h/v1", model="m", timeout_s="fast")
     assert make_judge(None) is None and make_judge({"url": None, "model": None}) is None
     judge = make_judge({"url": "http://h/v1", "model": "m"})
     assert isinstance(judge, LLMJudge) and make_judge(judge) is judge  # an instance is shared as it is
