@@ -96,7 +96,9 @@ class CodeVisionEnv(gym.Env):
             `tools` holds the preset's schemas for the renderer of the conversation.
         system_prompt: replaces the preset's system message (default: the preset's).
         judge: an LLM judge for answers the rules reject: a `cv_env.judge` config dict, or one
-            shared `cv_env.judge.LLMJudge` for many envs (one cache, one concurrency limit).
+            shared `cv_env.judge.LLMJudge` for many envs (one cache, one concurrency limit). When
+            it is asked, the final `info["judge"]` holds its ruling: correct (None: undecided, the
+            rule verdict stands), rule, source, latency_s.
         render_mode: None or "ansi" (the conversation as text).
     """
 
