@@ -85,7 +85,7 @@ class Plan:
     ending: str  # answer | neither (a turn with no call and no <answer>) | limit (a call in the last turn)
     style: str
     calls: list = field(default_factory=list)
-    chain: bool = False  # a crop of a rotated or flipped copy made by an earlier call
+    chain: bool = False  # a crop of the bbox's region in a copy an earlier call made (its literal coordinates count)
 
 
 @dataclass
@@ -132,9 +132,14 @@ def _bbox_crop(rng, plan: Plan, images: list[_Image], j: int) -> Call:
     """A crop of images[j]: of the bbox's region where the image maps to image 0, else anywhere."""
     source = images[j]
     box = _box_in(rng, source.size)
-    if plan.bbox is not None and source.frame is not None and rng.random() < 0.6:
-        box = tuple(int(round(v)) for v in source.frame.box_from_source(plan.bbox))
-        plan.chain = plan.chain or j > 0
+    if plan.bbox is not None and source.frame is not None and rng.random() < 0.8:
+        mapped = tuple(int(round(v)) for v in source.frame.box_from_source(plan.bbox))
+        w, h = source.size
+        # Only a box inside the image: the host clips a box that is not (README: "Crop boxes are the host's").
+        if 0 <= mapped[0] <= mapped[2] - 8 and 0 <= mapped[1] <= mapped[3] - 8 and mapped[2] <= w and mapped[3] <= h \
+                and mapped != (0, 0, w, h):
+            box = mapped
+            plan.chain = plan.chain or j > 0
     return _crop(images, j, box)
 
 
