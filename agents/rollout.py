@@ -34,6 +34,7 @@ import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.conversation import ChatRenderer, TokenState
 from agents.generation import GenerationRequest, HFBackend, SamplingParams
 from agents.trajectory import Trajectory, read_jsonl, write_jsonl
+from cv_env.judge import make_judge
 from cv_env.protocol import get_prompt
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
@@ -66,9 +67,11 @@ class RolloutEngine:
     policy_or_backend: an `agents.policy.Policy` (sampled with `HFBackend`) or a backend.
     sandbox: the shared `cv_env.sandbox.Sandbox` every env of the engine uses.
     env_kwargs: keyword arguments of the env (max_turns, max_pixels, reward, ...), not `tasks`.
+        A `judge` config becomes one `cv_env.judge.LLMJudge` that all the engine's envs share.
     sampling: a `SamplingParams` or dict (temperature, top_p, top_k, max_new_tokens).
     max_total_tokens: the budget of one episode's whole token sequence (prompt included).
-    step_workers: threads that step envs concurrently (default: 2 per sandbox worker).
+    step_workers: threads that step envs concurrently (default: 2 per sandbox worker, plus the
+        judge's `max_concurrency`, so judge calls wait on the judge and not on a free thread).
 
     After each rollout `last_timings` holds generate_s (the generate calls, with the env steps
     that overlapped them), step_s (waiting for env steps after them), turns, env_steps, total_s
@@ -108,13 +111,15 @@ class RolloutEngine:
                          else ChatRenderer(self.backend.processor, tools=tools))
         if "system_prompt" not in env_kwargs:  # a template that opens <think> gets a prompt that does not ask for it
             env_kwargs["prompt"] = self.renderer.prompt_for(env_kwargs.get("prompt", "full"))
+        judge = env_kwargs["judge"] = make_judge(env_kwargs.get("judge"))
         self.sandbox = sandbox
         self.env_kwargs = env_kwargs
         self.sampling = SamplingParams.from_dict(sampling)
         self.max_total_tokens = int(max_total_tokens)
         self.tokenizer = self.renderer.tokenizer
         self.end_of_turn_id = self.renderer.closing_ids[0]
-        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * max(1, len(sandbox.worker_pids)))
+        judge_calls = judge.config.max_concurrency if judge is not None else 0
+        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * max(1, len(sandbox.worker_pids)) + judge_calls)
         self._envs: list = []
         self.last_timings: dict[str, float] = {}
 
@@ -344,4 +349,5 @@ class RolloutEngine:
             num_failed_calls=int(ep.info.get("n_failed", 0)),
             turn_ops=list(ep.turn_ops),
             timings=dict(ep.timings),
+            judge=dict(ep.info.get("judge", {})),
         )

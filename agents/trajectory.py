@@ -37,6 +37,7 @@ class Trajectory:
     1.0 for greedy decoding).
     used_ops / num_failed_calls / turn_ops: what the env saw the code do (`info["used_ops"]`,
     `info["n_failed"]`, each step's `info["ops"]`), for tool metrics and the viewer.
+    judge: the LLM judge's ruling on the answer (`info["judge"]`), {} when it was not asked.
     """
 
     task_id: str
@@ -67,6 +68,7 @@ class Trajectory:
     turn_ops: list[list[str]] = field(default_factory=list)  # turn i's detected ops ([] for answers/failures)
     timings: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    judge: dict[str, Any] = field(default_factory=dict)  # correct, rule, source, latency_s
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -86,7 +88,7 @@ class Trajectory:
         """Inverse of `to_json`; image paths are read relative to `base_dir`."""
         names = {f.name for f in fields(cls)}
         missing = sorted(names - set(data) - {"pixel_values", "temperature", "sample_index", "answer", "timings",
-                                        "used_ops", "num_failed_calls", "turn_ops", "error"})
+                                        "used_ops", "num_failed_calls", "turn_ops", "error", "judge"})
         if missing:
             raise ValueError(f"trajectory record is missing field(s) {missing}: was it written by write_jsonl?")
         kwargs = {k: v for k, v in data.items() if k in names and k not in ("images", "pixel_values")}

@@ -69,6 +69,7 @@ class Transcript:
     variant / base_id: the robustness variant ("original", "rotate_90", ...) and the untouched
     task's id when the task came from `RobustnessWrapper`; else "" and the task id.
     used_ops: every op the episode's successful code applied (None when unknown).
+    judge: the LLM judge's ruling on the answer (`info["judge"]`), {} when it was not asked.
     """
 
     task_id: str
@@ -90,6 +91,7 @@ class Transcript:
     agent: str = ""
     variant: str = ""
     base_id: str = ""
+    judge: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_turns(self) -> int:
@@ -208,7 +210,7 @@ def play_transcript(env, agent, task: Task, seed: int | None = None, sample_inde
         input_images=input_images, turns=turns, num_tool_calls=num_tool_calls,
         num_failed_calls=int(info.get("n_failed", 0)), used_ops=list(info.get("used_ops", [])),
         truncated=bool(truncation), truncation=truncation, sample_index=sample_index, agent=agent_name,
-        variant=variant, base_id=base_id or task.id,
+        variant=variant, base_id=base_id or task.id, judge=dict(info.get("judge", {})),
     )
 
 
@@ -293,7 +295,7 @@ def from_trajectory(trajectory, processor, task: Task | None = None, agent_name:
         num_failed_calls=int(failed), used_ops=sorted(used_ops) if used_ops is not None else None,
         truncated=bool(trajectory.truncated), truncation=trajectory.truncation,
         sample_index=int(trajectory.sample_index), agent=agent_name, variant=variant,
-        base_id=base_id or trajectory.task_id,
+        base_id=base_id or trajectory.task_id, judge=dict(trajectory.judge),
     )
 
 

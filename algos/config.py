@@ -33,8 +33,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from agents.templates import TOOL_RESPONSE_FORMATS
+from cv_env.judge import JudgeConfig
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
+from cv_env.tasks import TASK_OPTIONS
 
 __all__ = [
     "LoraConfig",
@@ -53,7 +55,10 @@ __all__ = [
     "DTYPES",
     "WANDB_MODES",
     "ConfigError",
+    "check_env_options",
     "conf_dir",
+    "default_judge",
+    "default_task_options",
     "load_config",
     "to_config",
     "config_to_dict",
@@ -123,6 +128,17 @@ class SandboxConfig:
         return {"workers": workers, "timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
 
 
+def default_task_options() -> dict[str, Any]:
+    """Every task-loader option (`cv_env.tasks.TASK_OPTIONS`) at None, the loader's default."""
+    return {name: None for names in TASK_OPTIONS.values() for name in names}
+
+
+def default_judge() -> dict[str, Any]:
+    """The LLM judge's settings (`cv_env.judge.JudgeConfig`), off: `url` null means no judge."""
+    return {"url": None, "model": None,
+            **{f.name: f.default for f in dataclasses.fields(JudgeConfig) if f.name not in ("url", "model")}}
+
+
 @dataclass
 class EnvConfig:
     """The CodeVision environment: which tasks, how long an episode may run, image budget."""
@@ -135,6 +151,10 @@ class EnvConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     val_tasks: Optional[str] = None
     val_split: str = "validation"
+    # Task-loader options for tasks and val_tasks (every key present; None = the loader's default).
+    tasks_options: dict[str, Any] = field(default_factory=default_task_options)
+    # The LLM judge of answers the rules reject, `cv_env.judge.JudgeConfig` (url null = no judge).
+    judge: dict[str, Any] = field(default_factory=default_judge)
 
 
 @dataclass
@@ -260,6 +280,7 @@ class GRPOConfig:
             "prompt": e.prompt,
             "reward": self.reward_config(),
             "sandbox": e.sandbox.to_kwargs(),
+            "judge": dict(e.judge),  # url null: no judge (cv_env.judge.make_judge)
         }
 
 
@@ -275,6 +296,19 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def _choice(value: str, choices: Sequence[str], key: str) -> None:
     _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_env_options(tasks_options: dict[str, Any], judge: dict[str, Any], prefix: str) -> None:
+    """The task-loader options and the judge node (shared by the trainers' and evaluation's configs)."""
+    known = default_task_options()
+    unknown = sorted(set(tasks_options) - set(known))
+    _require(not unknown, f"{prefix}tasks_options",
+             f"unknown option(s) {unknown}; the loaders take: {', '.join(known)}")
+    if judge.get("url"):
+        try:
+            JudgeConfig.from_dict(judge)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config {prefix}judge: {err}") from err
 
 
 def _validate(cfg: GRPOConfig) -> None:
@@ -299,6 +333,7 @@ def _validate(cfg: GRPOConfig) -> None:
     _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
     _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
     _require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
+    check_env_options(e.tasks_options, e.judge, "env.")
 
     _choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
     _require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")

@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 
 from agents.templates import TOOL_RESPONSE_FORMATS
-from algos.config import ConfigError, LoggerConfig, SandboxConfig, conf_dir, default_reward, load_config
+from algos.config import (ConfigError, LoggerConfig, SandboxConfig, check_env_options, conf_dir, default_judge,
+                          default_reward, default_task_options, load_config)
 from cv_env.protocol import PROMPTS
 from cv_env.reward import RewardConfig
 
@@ -83,6 +84,10 @@ class EvalConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: dict[str, Any] = field(default_factory=default_reward)
+    # Task-loader options, as the trainers' env.tasks_options (None = the loader's default).
+    tasks_options: dict[str, Any] = field(default_factory=default_task_options)
+    # The LLM judge of answers the rules reject, as the trainers' env.judge (url null = none).
+    judge: dict[str, Any] = field(default_factory=default_judge)
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, message: str) -> None:
@@ -122,6 +127,7 @@ class EvalConfig:
             RewardConfig.from_dict(dict(self.reward))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"config reward: {err}") from err
+        check_env_options(self.tasks_options, self.judge, "")
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig.from_dict(dict(self.reward))
@@ -129,7 +135,7 @@ class EvalConfig:
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the env (besides tasks and sandbox)."""
         return {"max_turns": self.max_turns, "max_pixels": self.max_pixels, "prompt": self.prompt,
-                "reward": self.reward_config()}
+                "reward": self.reward_config(), "judge": dict(self.judge)}
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=EvalConfig)

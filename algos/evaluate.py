@@ -5,13 +5,16 @@
     python -m algos.evaluate model=oracle n=200            # a scripted agent alone: no torch, no model
 
 Plays every task (and, with `robustness=true`, each task under the five orientation transforms
-of `cv_env.tasks.RobustnessWrapper`) through `CodeVision-v0`: a model through the rollout
-engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`, `random`) directly.
+of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary `transform`,
+such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
+through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
+`random`) directly.
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
 
-    report.json, report.md   accuracy per category, the robustness table (original + 5 transforms
-                             + average), turns, tool calls, execution success, op usage, reward terms
+    report.json, report.md   accuracy per category (per dataset_name for the release's files), the
+                             robustness table (original + 5 transforms + average), turns, tool
+                             calls, execution success, op usage, reward terms
     cases/<agent>_worst.html, cases/<agent>_best.html   viewer pages (agents.viewer)
     transcripts/<agent>.jsonl                           every episode, turn by turn
     metrics.jsonl (+ W&B)                               val/... figures via algos.tracking
@@ -43,23 +46,39 @@ from algos.eval_config import EvalConfig, normalize_overrides
 from algos.metrics import rank_cases, report_markdown, report_metrics, summarize
 from algos.tracking import Tracker, say
 from cv_env.sandbox import Sandbox
-from cv_env.task import Task
+from cv_env.judge import make_judge
+from cv_env.task import ORIENT_OPS, Task
 from cv_env.tasks import RobustnessWrapper, load_tasks
+from cv_env.tasks.parquet import ParquetTasks
 
-__all__ = ["evaluate", "evaluation_tasks", "load_policy", "run_scripted", "run_model", "agent_label", "main"]
+__all__ = ["evaluate", "evaluation_tasks", "orientation_variant", "load_policy", "run_scripted", "run_model",
+           "agent_label", "main"]
 
 
 def evaluation_tasks(cfg: EvalConfig) -> list[Task]:
-    """The first `cfg.n` tasks of the source (all for n=0), each followed by its robustness variants."""
-    source = load_tasks(cfg.tasks, split=cfg.split, seed=cfg.seed)
+    """The first `cfg.n` tasks of the source (all for n=0), each followed by its robustness variants.
+
+    A parquet file whose rows show different orientations (their `transform`) already is a
+    robustness benchmark: its rows are evaluated as they are, each labelled by its orientation.
+    """
+    source = load_tasks(cfg.tasks, split=cfg.split, seed=cfg.seed, **cfg.tasks_options)
     count = len(source) if cfg.n == 0 else min(cfg.n, len(source))
     if count == 0:
         raise ValueError(f"the task source {cfg.tasks!r} (split {cfg.split!r}) is empty: nothing to evaluate")
     base = [source[i] for i in range(count)]
     if not cfg.robustness:
         return base
+    if isinstance(source, ParquetTasks) and len({orientation_variant(t) for t in base}) > 1:
+        return [dataclasses.replace(t, extra={**t.extra, "robustness": {"variant": orientation_variant(t),
+                                                                        "base_id": t.id}}) for t in base]
     wrapped = RobustnessWrapper(load_tasks(base))
     return [wrapped[i] for i in range(len(wrapped))]
+
+
+def orientation_variant(task: Task) -> str:
+    """A task's column in the robustness table: the orientation transforms it shows, joined by
+    "+" ("rotate_90", "rotate_90+flip_vertical"), or "original" when none."""
+    return "+".join(t for t in task.transforms if t in ORIENT_OPS) or "original"
 
 
 def agent_label(path: str) -> str:
@@ -83,10 +102,12 @@ def run_scripted(name: str, tasks: Sequence[Task], cfg: EvalConfig, sandbox: San
     if name not in ("oracle", "random"):
         raise ValueError(f"unknown scripted agent {name!r}: use oracle or random")
     jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
-    workers = max(1, min(len(jobs), 2 * len(sandbox.worker_pids)))
+    env_kwargs = cfg.env_kwargs()
+    env_kwargs["judge"] = judge = make_judge(env_kwargs["judge"])  # one judge for every env
+    workers = max(1, min(len(jobs), 2 * len(sandbox.worker_pids) + (judge.config.max_concurrency if judge else 0)))
     envs: queue.Queue = queue.Queue()
     for _ in range(workers):
-        envs.put(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, disable_env_checker=True, **cfg.env_kwargs()))
+        envs.put(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, disable_env_checker=True, **env_kwargs))
 
     def play(job: tuple[int, int]) -> Transcript:
         index, sample = job

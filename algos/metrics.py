@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
+from cv_env.judge import judge_metrics
 from cv_env.tasks.robustness import ROBUSTNESS_VARIANTS
 
 __all__ = ["summarize", "robustness_columns", "rank_cases", "report_markdown", "report_metrics"]
@@ -54,7 +55,7 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
     with_calls (share of episodes that called the tool), acc_with_calls / acc_without_calls
     (accuracy of the episodes that did / did not; None where there are none), truncated (share),
     op_usage ({op: share of episodes that applied it} or None when some episode does not know its
-    ops).
+    ops), judge (`cv_env.judge.judge_metrics` of the episodes the LLM judge ruled on; {} for none).
     """
     episodes = list(transcripts)
     if not episodes:
@@ -102,6 +103,7 @@ def summarize(transcripts: Sequence[Any]) -> dict[str, Any]:
         "acc_without_calls": _mean(without_calls) if without_calls else None,
         "truncated": _mean([bool(e.truncated) for e in episodes]),
         "op_usage": op_usage,
+        "judge": judge_metrics([e.judge for e in episodes if e.judge]),
     }
 
 
@@ -140,6 +142,7 @@ def report_metrics(summary: Mapping[str, Any], prefix: str = "val") -> dict[str,
         out[f"{prefix}/tool/op/{op}"] = share
     for variant, acc in (summary["robustness"] or {}).items():
         out[f"{prefix}/robustness/{variant}"] = acc
+    out.update({f"{prefix}/{name}": value for name, value in summary.get("judge", {}).items()})
     return out
 
 

@@ -27,6 +27,7 @@ from agents.policy import Policy
 from agents.rollout import RolloutEngine, Trajectory
 from algos.distributed import all_reduce_mean, get_rank, get_world_size
 from algos.train_step import gather_lists
+from cv_env.judge import judge_metrics, make_judge
 from cv_env.reward import RewardConfig, apply_necessity
 from cv_env.sandbox import Sandbox
 from cv_env.tasks import load_tasks
@@ -87,6 +88,7 @@ def build_engines(cfg: Any, generator: Any, sandbox: Any) -> tuple[RolloutEngine
     r = cfg.rollout
     # The engine passes the tasks per rollout and its own shared sandbox.
     env_kwargs = {k: v for k, v in cfg.env_kwargs().items() if k not in ("tasks", "split", "sandbox")}
+    env_kwargs["judge"] = make_judge(env_kwargs.get("judge"))  # one judge for both engines: one cache, one limit
     shared = dict(sandbox=sandbox, env_kwargs=env_kwargs, max_total_tokens=r.max_total_tokens)
 
     def sampling(temperature: float) -> dict[str, Any]:
@@ -110,10 +112,11 @@ def open_engines(cfg: Any, policy: Policy, cleanup: contextlib.ExitStack,
 
 def load_task_splits(cfg: Any) -> tuple[Any, list]:
     """The training task source (`env.tasks`, `env.split`) and the first `trainer.val_size`
-    validation tasks (`env.val_tasks`, default the training source, `env.val_split`)."""
-    seed = cfg.trainer.seed
-    train_tasks = load_tasks(cfg.env.tasks, split=cfg.env.split, seed=seed)
-    val_source = load_tasks(cfg.env.val_tasks or cfg.env.tasks, split=cfg.env.val_split, seed=seed)
+    validation tasks (`env.val_tasks`, default the training source, `env.val_split`), both
+    loaded with `env.tasks_options`."""
+    seed, options = cfg.trainer.seed, dict(cfg.env.tasks_options)
+    train_tasks = load_tasks(cfg.env.tasks, split=cfg.env.split, seed=seed, **options)
+    val_source = load_tasks(cfg.env.val_tasks or cfg.env.tasks, split=cfg.env.val_split, seed=seed, **options)
     return train_tasks, [val_source[i] for i in range(min(cfg.trainer.val_size, len(val_source)))]
 
 
@@ -150,7 +153,7 @@ def group_reward_terms(trajectories: Sequence[Trajectory], reward_cfg: RewardCon
     for members in groups.values():
         episodes = [
             {"correct": trajectories[i].success, "n_calls": trajectories[i].num_tool_calls,
-             "n_failed": trajectories[i].num_failed_calls}
+             "n_failed": trajectories[i].num_failed_calls, "acc": trajectories[i].reward_components.get("acc", 1.0)}
             for i in members
         ]
         for i, value in zip(members, apply_necessity(episodes, reward_cfg)):
@@ -242,6 +245,7 @@ def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, A
         "num_failed_calls": int(trajectory.num_failed_calls),
         "used_ops": sorted(set(trajectory.used_ops)),
         "error": bool(getattr(trajectory, "error", "")),
+        "judge": dict(trajectory.judge),  # the LLM judge's ruling on the answer ({} when not asked)
     }
     return summary
 
@@ -250,7 +254,8 @@ def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
     reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
     tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success, and
-    rollout/episode_errors (how many episodes an exception ended)."""
+    rollout/episode_errors (how many episodes an exception ended), and judge/*
+    (`cv_env.judge.judge_metrics`) when the LLM judge was asked."""
     if not summaries:
         return {}
     n = len(summaries)
@@ -274,6 +279,7 @@ def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
     out["episode/success"] = sum(s["success"] for s in summaries) / n
     out["rollout/episode_errors"] = float(sum(s.get("error", False) for s in summaries))
+    out.update(judge_metrics([s["judge"] for s in summaries if s.get("judge")]))
     return out
 
 
@@ -299,6 +305,8 @@ def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, floa
         chosen = [s["success"] for s in summaries if bool(s["num_tool_calls"]) == called]
         if chosen:
             out[f"val/tool/{name}"] = sum(chosen) / len(chosen)
+    rulings = [s["judge"] for s in summaries if s.get("judge")]
+    out.update({f"val/{name}": value for name, value in judge_metrics(rulings).items()})
     return out
 
 

@@ -33,6 +33,8 @@ evaluation) uses the same names, so runs compare in one dashboard:
     time/rollout, time/sandbox, time/update, time/step     seconds per step
     throughput/tokens_per_s, throughput/episodes_per_s     generation speed
     data/*                       batch bookkeeping (e.g. data/groups_kept under dynamic sampling)
+    judge/*                      the LLM judge: calls, errors, cache_hits, agree_with_rules, latency_s,
+                                 latency_max_s (`cv_env.judge.judge_metrics`; val/judge/* on validation)
 
 A name must start with one of these namespaces (`lr` stands alone): a typo such as `actr/kl`
 is an error, not a new chart.
@@ -65,7 +67,7 @@ from PIL import Image
 __all__ = ["Tracker", "NAMESPACES", "PROGRESS_KEYS", "resolve_wandb_mode", "check_metric_name", "read_metrics",
            "print_run_summary", "say"]
 
-NAMESPACES = ("reward", "val", "tool", "episode", "rollout", "actor", "critic", "time", "throughput", "data")
+NAMESPACES = ("reward", "val", "tool", "episode", "rollout", "actor", "critic", "time", "throughput", "data", "judge")
 STANDALONE = ("lr",)
 PROGRESS_KEYS = {"reward/total": "reward", "val/acc": "val_acc", "actor/kl": "kl", "actor/loss": "loss",
                  "val/loss": "val_loss"}

@@ -40,8 +40,10 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image
 
+from cv_env import release_rules
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
+from cv_env.judge import LLMJudge, make_judge
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, action_text, get_prompt, parse_action
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
 from cv_env.sandbox import Sandbox
@@ -69,6 +71,7 @@ class _Episode:
     assistant_turns: list[str] = field(default_factory=list)
     used_ops: set[str] = field(default_factory=set)
     crop_boxes: list[list[float]] = field(default_factory=list)  # in the bbox's frame (image 0)
+    source_crop_boxes: list[list[float]] = field(default_factory=list)  # in the image each was cut from
     n_calls: int = 0
     n_failed: int = 0
     paid: float = 0.0  # rewards already paid by earlier steps
@@ -113,6 +116,8 @@ class CodeVisionEnv(gym.Env):
         tasks: "synthetic" (the built-in suite), a category name, a parquet path, a
             `TaskSource`, or a list of `Task`.
         split: which split of a generated suite ("train", "validation", "test").
+        task_options: options of the task loader (`cv_env.tasks.load_tasks`), e.g.
+            `{"crop_from_bbox": True, "answer_field": "extra_info.answer"}` for parquet files.
         max_turns: assistant turns before the episode is truncated.
         reward: a `RewardConfig`, a preset name ("codevision", "codevision_release"), or a dict
             of weights (unknown keys are an error).
@@ -128,7 +133,10 @@ class CodeVisionEnv(gym.Env):
             tool schema the chat template lists; the default) or "compact" (~5x fewer tokens).
             `tools` holds the preset's schemas for the renderer of the conversation.
         system_prompt: replaces the preset's system message (default: the preset's).
-        judge: optional `cv_env.judge` config dict: an LLM judge for answers the rules reject.
+        judge: an LLM judge for answers the rules reject: a `cv_env.judge` config dict, or one
+            shared `cv_env.judge.LLMJudge` for many envs (one cache, one concurrency limit). When
+            it is asked, the final `info["judge"]` holds its ruling: correct (None: undecided, the
+            rule verdict stands), rule, source, latency_s.
         render_mode: None or "ansi" (the conversation as text).
     """
 
@@ -147,8 +155,9 @@ class CodeVisionEnv(gym.Env):
         max_action_chars: int = 65536,
         prompt: str = "full",
         system_prompt: str | None = None,
-        judge: dict | None = None,
+        judge: LLMJudge | dict | None = None,
         render_mode: str | None = None,
+        task_options: dict | None = None,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -156,7 +165,7 @@ class CodeVisionEnv(gym.Env):
             raise ValueError(f"max_action_chars must be >= 1, got {max_action_chars}")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.tasks = load_tasks(tasks, split=split)
+        self.tasks = load_tasks(tasks, split=split, **(task_options or {}))
         if len(self.tasks) == 0:
             raise ValueError("the task source is empty: give the environment at least one task")
         self.max_turns = int(max_turns)
@@ -171,11 +180,7 @@ class CodeVisionEnv(gym.Env):
         self.prompt = prompt
         self.system_prompt = preset.system if system_prompt is None else str(system_prompt)
         self.tools = [dict(tool) for tool in preset.tools]
-        self.judge = None
-        if judge:
-            from cv_env.judge import LLMJudge  # only when configured
-
-            self.judge = LLMJudge.from_config(judge)
+        self.judge = make_judge(judge)
         self.render_mode = render_mode
         self.observation_space = observation_space(max_images_per_observation, self.max_pixels, self.max_text_chars)
         self.max_action_chars = int(max_action_chars)
@@ -204,8 +209,9 @@ class CodeVisionEnv(gym.Env):
         return [] if self._episode is None else [item.image for item in self._episode.images]
 
     def outcome(self, correct: bool = False) -> EpisodeOutcome:
-        """The current episode as the reward sees it (turns, verified ops, crop boxes in the bbox's
-        frame, calls), with `correct` as the answer's verdict: what `episode_components` scores.
+        """The current episode as the reward sees it (turns, verified ops, crop boxes in the frame
+        the reward config scores them in, calls), with `correct` as the answer's verdict: what
+        `episode_components` scores.
 
         For a reward computed elsewhere than in this env (e.g. a trainer's reward function in
         another process, given the record of the tool calls this env ran)."""
@@ -217,7 +223,8 @@ class CodeVisionEnv(gym.Env):
             correct=bool(correct),
             required_ops=episode.task.required_ops,
             used_ops=set(episode.used_ops),
-            crop_boxes=list(episode.crop_boxes),
+            crop_boxes=list(episode.source_crop_boxes if self.reward_config.crop_frame == "source"
+                            else episode.crop_boxes),
             bbox=episode.task.bbox,
             n_calls=episode.n_calls,
             n_failed=episode.n_failed,
@@ -288,6 +295,8 @@ class CodeVisionEnv(gym.Env):
             # (The format term is 0 by its own rule: the turn has no <answer>.)
             return self._finish(extract_answer(action), info, terminated=True, obs=None)
 
+        if n_turns >= self.max_turns and self.reward_config.last_turn_call == "skip":
+            return self._finish(None, info, terminated=False, obs=None)  # as the release: the call never runs
         obs, ok = self._run_tool(turn, info)
         if n_turns >= self.max_turns:  # the final step pays all that is left, this call included
             return self._finish(None, info, terminated=False, obs=obs)
@@ -396,7 +405,8 @@ class CodeVisionEnv(gym.Env):
         return {"role": "tool", "text": message, "images": shown_images}, ok
 
     def _record_success(self, result) -> list[dict]:
-        """Add the output image with its frame, collect ops and crop boxes in image 0's frame;
+        """Add the output image with its frame, and collect ops and crop boxes: in image 0's frame
+        (where a frame chain reaches it) and as cut, in the pixels of the call's source image;
         return the ops that counted (well-formed ones only: the sandbox's report is checked)."""
         episode = self._episode
         image = result.image
@@ -414,19 +424,28 @@ class CodeVisionEnv(gym.Env):
         for op in ops:
             episode.used_ops.add(op["name"])
             box = _finite_box(op.get("source_box"))
-            if op["name"] == "crop" and box is not None and parent is not None and parent.root == 0 \
-                    and parent.frame is not None:  # bbox is given on image 0
+            if op["name"] != "crop" or box is None or parent is None:
+                continue
+            episode.source_crop_boxes.append(box)  # host-verified, in images[source]
+            if parent.root == 0 and parent.frame is not None:  # bbox is given on image 0
                 episode.crop_boxes.append(parent.frame.box_to_source(box))
         return ops
 
     def _finish(self, answer: str | None, info: dict, *, terminated: bool, obs: dict | None):
         episode = self._episode
         task = episode.task
-        correct = answer is not None and check_answer(answer, task.answer, task.answer_type)
-        if not correct and answer is not None and self.judge is not None:
-            verdict = self.judge.judge(task.question, task.answer, answer)  # None: the judge failed
-            correct = correct if verdict is None else verdict
-        components = episode_components(self.outcome(correct=bool(correct)), self.reward_config)
+        cfg = self.reward_config
+        if cfg.answer_rules == "release":  # the release reads the answer from the whole response
+            answer = release_rules.extract_answer(release_rules.response_text(episode.assistant_turns))
+            correct = release_rules.answers_equivalent(answer, task.answer)
+        else:
+            correct = answer is not None and check_answer(answer, task.answer, task.answer_type)
+        if not correct and answer and answer.strip() and self.judge is not None:
+            ruling = self.judge.ask(task.question, task.answer, answer)
+            info["judge"] = {"correct": ruling.correct, "rule": correct, "source": ruling.source,
+                             "latency_s": ruling.latency_s}
+            correct = correct if ruling.correct is None else ruling.correct  # undecided: the rule verdict stands
+        components = episode_components(self.outcome(correct=bool(correct)), cfg)
         reward = components["total"] - episode.paid  # what earlier steps did not pay yet
         episode.paid += reward
         episode.done = True

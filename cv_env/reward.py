@@ -22,6 +22,10 @@ Payment contract with the environment (the sum of an episode's step rewards is i
 Defaults reproduce the CodeVision release's weights (its `qwen3_vl.sh`: alpha 1.0, beta 0.0,
 gamma 0.5, delta 0.5, format 0.1, emerge 0.2) plus the per-call failure penalty the paper
 describes and the release computes but drops (0.05 here, 0 in the `codevision_release` preset).
+The rule keys (`crop_frame`, `crop_without_bbox`, `answer_rules`, `format_rules`, `tool_use`,
+`last_turn_call`) choose between our rules and the release's: `codevision_release` sets every one
+to the release's, so it scores any episode as the release's reward code does. README ("The two
+reward presets") gives each difference and its reason.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from cv_env import release_rules
 from cv_env.task import CORE_OPS, ORIENT_OPS
 
 __all__ = [
@@ -74,9 +79,23 @@ class RewardConfig:
     free_calls: int = 2  # executions free of usage_cost: max(free_calls, |E|)
     # necessity pays only when at most this many tool-free rollouts of the task were correct
     necessity_max_correct_without_tools: int = 1
+    # -- the rules where our preset and the release differ (RULES lists each one's choices) --
+    crop_frame: str = "bbox"  # bbox: crop boxes mapped through frames into the bbox's image | source: as cut (release)
+    crop_without_bbox: float = 1.0  # mandatory share of a required crop used on a task without a bbox (release: 0)
+    answer_rules: str = "codevision"  # codevision: cv_env.answers on the final turn | release: its strict rules
+    format_rules: str = "codevision"  # codevision: every turn checked | release: the whole response checked
+    tool_use: str = "success"  # necessity's tool-using rollout: success (a call that ran) | call (any; release)
+    last_turn_call: str = "run"  # a tool call in the last allowed turn: run (and count it) | skip (release)
 
     def __post_init__(self) -> None:
+        for name, choices in RULES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"reward config {name!r} is {getattr(self, name)!r}: choose one of {', '.join(choices)}"
+                )
         for f in dataclasses.fields(self):
+            if f.name in RULES:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"reward config {f.name!r} must be a number, got {value!r}")
@@ -106,20 +125,32 @@ class RewardConfig:
 
     @classmethod
     def preset(cls, name: str = "codevision") -> "RewardConfig":
-        """A named preset: "codevision" (default) or "codevision_release" (per-call penalty 0)."""
+        """A named preset: "codevision" (default) or "codevision_release" (the release exactly)."""
         if name not in PRESETS:
             raise ValueError(f"unknown reward preset {name!r}; available presets: {sorted(PRESETS)}")
         return cls.from_dict(PRESETS[name])
 
-    def to_dict(self) -> dict[str, float]:
-        """Plain dict of every weight (for logging and round trips)."""
+    def to_dict(self) -> dict[str, float | str]:
+        """Plain dict of every weight and rule (for logging and round trips)."""
         return dataclasses.asdict(self)
 
 
+# The rule keys and their choices: ours first (the `codevision` default), then the release's.
+RULES: dict[str, tuple[str, ...]] = {
+    "crop_frame": ("bbox", "source"),
+    "answer_rules": ("codevision", "release"),
+    "format_rules": ("codevision", "release"),
+    "tool_use": ("success", "call"),
+    "last_turn_call": ("run", "skip"),
+}
+
 # The same values live in conf/reward/<name>.yaml (a test keeps them in sync).
-PRESETS: dict[str, dict[str, float]] = {
+PRESETS: dict[str, dict[str, float | str]] = {
     "codevision": {},
-    "codevision_release": {"exec_fail_penalty": 0.0},
+    "codevision_release": {
+        "exec_fail_penalty": 0.0, "crop_frame": "source", "crop_without_bbox": 0.0, "answer_rules": "release",
+        "format_rules": "release", "tool_use": "call", "last_turn_call": "skip",
+    },
 }
 
 
@@ -131,7 +162,8 @@ class EpisodeOutcome:
     correct: the answer checker's verdict (rule, math or judge).
     required_ops: E, from `Task.required_ops`.
     used_ops: U, ops detected in successful executions (an op that changed no pixel is absent).
-    crop_boxes: every crop the model made, already mapped into the frame of `bbox`.
+    crop_boxes: every crop the model made, in the frame the config's `crop_frame` names: mapped
+        into the frame of `bbox` ("bbox"), or in the pixels of the image it was cut from ("source").
     bbox: the task's box `[x1, y1, x2, y2]`, or None.
     n_calls: executions attempted, failed ones included; n_failed: how many of them failed.
     """
@@ -242,12 +274,13 @@ def mandatory_reward(
     used_ops: Iterable[str],
     crop_boxes: Sequence[Sequence[float]] = (),
     bbox: Sequence[float] | None = None,
+    crop_without_bbox: float = 1.0,
 ) -> float:
     """mandatory in [0, 1]: the share of E that U covers, a required crop scored by its best IoU.
 
     |(E - {crop}) ∩ U| / |E| + [crop ∈ E ∩ U] * max IoU(bbox, crop boxes) / |E|, capped at 1;
-    0 when E is empty. A required crop on a task without a bbox cannot be scored, so using
-    it earns the full share.
+    0 when E is empty. A required crop on a task without a bbox cannot be scored: using it
+    earns `crop_without_bbox` of its share (1 in our preset; the release pays 0).
     """
     required, used = set(required_ops), set(used_ops)
     if not required:
@@ -255,7 +288,7 @@ def mandatory_reward(
     share = len((required - {"crop"}) & used)
     if "crop" in required and "crop" in used:
         if bbox is None:
-            share += 1.0
+            share += crop_without_bbox
         else:
             share += max((iou(bbox, box) for box in crop_boxes), default=0.0)
     return min(1.0, share / len(required))
@@ -314,10 +347,14 @@ def episode_components(outcome: EpisodeOutcome, cfg: RewardConfig | None = None)
     """
     cfg = cfg or RewardConfig()
     o = outcome
-    mandatory = mandatory_reward(o.required_ops, o.used_ops, o.crop_boxes, o.bbox)
+    mandatory = mandatory_reward(o.required_ops, o.used_ops, o.crop_boxes, o.bbox, cfg.crop_without_bbox)
+    if cfg.format_rules == "release":
+        fmt = release_rules.format_reward(release_rules.response_text(o.assistant_turns))
+    else:
+        fmt = format_reward(o.assistant_turns)
     terms = {
         "acc": gated_accuracy(o.correct, o.required_ops, mandatory, cfg),
-        "fmt": format_reward(o.assistant_turns),
+        "fmt": fmt,
         "mandatory": mandatory,
         "necessity": 0.0,
         "exact": exact_reward(o.required_ops, o.used_ops, cfg),
@@ -344,7 +381,7 @@ def episode_components(outcome: EpisodeOutcome, cfg: RewardConfig | None = None)
 
 
 # A finished episode as the group term sees it: a dict with `correct`, `n_calls` (and
-# optionally `n_failed`), or an EpisodeOutcome.
+# optionally `n_failed` and `acc`), or an EpisodeOutcome.
 Episode = Mapping[str, Any] | EpisodeOutcome
 
 
@@ -354,40 +391,45 @@ def _field(episode: Episode, name: str, default: Any = None) -> Any:
     return getattr(episode, name, default)
 
 
-def uses_tools(episode: Episode) -> bool:
-    """Whether an episode counts as a with-tools rollout: at least one *successful* execution.
+def uses_tools(episode: Episode, tool_use: str = "success") -> bool:
+    """Whether an episode counts as a with-tools rollout.
 
-    Calls that all failed gave the model no visual evidence, so the rollout answered without
-    tools; counting them would also let a cheap failing call buy the necessity bonus.
+    tool_use "success" (ours): at least one *successful* execution. Calls that all failed gave
+    the model no visual evidence, so the rollout answered without tools; counting them would
+    also let a cheap failing call buy the necessity bonus. "call" (the release): any call.
     `n_failed` defaults to 0 when the episode does not report it.
     """
     n_calls = int(_field(episode, "n_calls", 0) or 0)
-    n_failed = int(_field(episode, "n_failed", 0) or 0)
+    n_failed = int(_field(episode, "n_failed", 0) or 0) if tool_use == "success" else 0
     return n_calls - n_failed > 0
 
 
-def necessity(group: Sequence[Episode], max_correct_without_tools: int = 1) -> list[float]:
+def necessity(group: Sequence[Episode], max_correct_without_tools: int = 1, tool_use: str = "success") -> list[float]:
     """The unweighted necessity term of each episode in a group of rollouts of one task.
 
     max(0, acc_with_tools - acc_without_tools), paid to correct tool-using episodes when the
     group has at least one tool-free episode and at most `max_correct_without_tools` of those
     were correct (otherwise the question is answerable without tools). Each episode needs
-    `correct` and `n_calls` (and optionally `n_failed`; see `uses_tools`).
+    `correct` and `n_calls` (and optionally `n_failed`; see `uses_tools`). An episode whose
+    accuracy the crop gate cut (it reports `acc` < 1 although correct: the answer was likely
+    guessed without the required crop) earns none, as in the release.
     """
     for i, episode in enumerate(group):
         if _field(episode, "correct") is None or _field(episode, "n_calls") is None:
             raise ValueError(
                 f"group[{i}] needs 'correct' and 'n_calls' to compute necessity, got {episode!r}"
             )
-    with_tools = [bool(_field(e, "correct")) for e in group if uses_tools(e)]
-    without_tools = [bool(_field(e, "correct")) for e in group if not uses_tools(e)]
+    tools = [uses_tools(e, tool_use) for e in group]
+    with_tools = [bool(_field(e, "correct")) for e, t in zip(group, tools) if t]
+    without_tools = [bool(_field(e, "correct")) for e, t in zip(group, tools) if not t]
     if not with_tools or not without_tools or sum(without_tools) > max_correct_without_tools:
         return [0.0] * len(group)
     gain = max(0.0, sum(with_tools) / len(with_tools) - sum(without_tools) / len(without_tools))
-    return [gain if uses_tools(e) and _field(e, "correct") else 0.0 for e in group]
+    return [gain if t and _field(e, "correct") and float(_field(e, "acc", 1.0)) >= 1.0 else 0.0
+            for e, t in zip(group, tools)]
 
 
 def apply_necessity(group: Sequence[Episode], cfg: RewardConfig | None = None) -> list[float]:
     """Per-episode reward adjustment (beta * necessity) for trainers to add to each total."""
     cfg = cfg or RewardConfig()
-    return [cfg.beta * v for v in necessity(group, cfg.necessity_max_correct_without_tools)]
+    return [cfg.beta * v for v in necessity(group, cfg.necessity_max_correct_without_tools, cfg.tool_use)]

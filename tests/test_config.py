@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
@@ -278,3 +279,28 @@ def test_hydra_main_entry_point(tmp_path):
     )
     assert typo.returncode != 0 and "algo.lrr" in typo.stderr and "RECEIVED" not in typo.stdout
     assert "did you mean algo.lr?" in typo.stderr and "+algo.lrr" not in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_the_judge_and_the_task_loader_options_are_config_keys(tmp_path):
+    from algos.rollouts import load_task_splits
+    from release_rows import release_row, smooth_image, write_release_rows
+
+    cfg = load_config(["+exp=tiny", "env.judge.url=http://127.0.0.1:8000/v1", "env.judge.model=Qwen/Qwen3-8B",
+                       "env.judge.max_concurrency=32", "env.judge.cache=verdicts.jsonl"])
+    judge = cfg.env_kwargs()["judge"]
+    assert (judge["url"], judge["model"], judge["max_concurrency"], judge["cache"], judge["timeout_s"]) == (
+        "http://127.0.0.1:8000/v1", "Qwen/Qwen3-8B", 32, "verdicts.jsonl", 30.0)
+    assert load_config(["+exp=tiny"]).env_kwargs()["judge"]["url"] is None  # no judge by default
+    with pytest.raises(ValueError, match="config env.judge: judge model must be named"):
+        load_config(["+exp=tiny", "env.judge.url=http://127.0.0.1:8000/v1"])
+    with pytest.raises(ValueError, match=r"config env.tasks_options: unknown option\(s\) \['crop'\]"):
+        load_config(["+exp=tiny", "+env.tasks_options.crop=true"])
+
+    path = tmp_path / "rows.parquet"
+    write_release_rows(path, [release_row(i, smooth_image(np.random.default_rng(i), (24, 24)), "7", bbox=[1, 1, 9, 9])
+                              for i in range(3)])
+    cfg = load_config(["+exp=tiny", f"env.tasks={path}", "env.tasks_options.crop_from_bbox=true", "trainer.val_size=2"])
+    train, val = load_task_splits(cfg)
+    assert train[0].required_ops == ["crop"] and [t.required_ops for t in val] == [["crop"], ["crop"]]
+    with pytest.raises(ValueError, match="do not apply to a synthetic source"):
+        load_task_splits(load_config(["+exp=tiny", "env.tasks_options.crop_from_bbox=true"]))

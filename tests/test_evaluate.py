@@ -236,3 +236,31 @@ def test_checkpoint_weights_are_loaded_into_the_model(tmp_path):
     assert torch.equal(dict(loaded.model.named_parameters())[name], weight) and not loaded.model.training
     with pytest.raises(ValueError, match="no weights to load"):
         load_eval_config(["model=oracle", f"checkpoint={tmp_path / 'run'}"])
+
+
+def test_a_release_format_benchmark_gives_the_per_source_and_robustness_tables(tmp_path):
+    """`python -m algos.evaluate tasks=mvtoolbench.parquet reward=codevision_release`, in process."""
+    import numpy as np
+
+    from algos.evaluate import evaluate
+    from release_rows import release_row, smooth_image, write_release_rows
+
+    rng = np.random.default_rng(0)
+    layout = [("ChartQA", [], "3"), ("ChartQA", ["rotate_90"], "B"), ("TextVQA", ["flip_horizontal"], "park"),
+              ("TextVQA", ["rotate_180", "crop"], "7"), ("TextVQA", [], "STOP")]
+    rows = [release_row(i, smooth_image(rng, (48, 40)), truth, transform=transform, bbox=[4, 4, 30, 30],
+                        dataset_name=name) for i, (name, transform, truth) in enumerate(layout)]
+    path = tmp_path / "mvtoolbench.parquet"
+    write_release_rows(path, rows)
+    cfg = load_eval_config(["model=oracle", f"tasks={path}", "reward=codevision_release", "n=0", "cases=0",
+                            "write_transcripts=false", "logger=local", f"output_dir={tmp_path / 'out'}"])
+    report = evaluate(cfg)
+    oracle = report["agents"]["oracle"]
+    assert oracle["episodes"] == 5  # the file's rows as they are: no synthetic variants on top
+    assert oracle["by_category"] == {"ChartQA": {"accuracy": 1.0, "episodes": 2},
+                                     "TextVQA": {"accuracy": 1.0, "episodes": 3}}
+    assert set(oracle["robustness"]) == {"original", "rotate_90", "rotate_180", "flip_horizontal", "average"}
+    assert oracle["reward_components"]["mandatory"] == pytest.approx(3 / 5)  # crop at the bbox: IoU 1
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| ChartQA | 100.0 |" in text and "| TextVQA | 100.0 |" in text
+    assert "| agent | original | rotate_90 | rotate_180 | flip_horizontal | average |" in text

@@ -99,8 +99,9 @@ def test_mandatory_crop_scored_by_best_iou():
     assert mandatory_reward(["rotate_90", "crop"], {"rotate_90", "crop"}, [[50, 50, 60, 60]], [0, 0, 10, 10]) == 0.5
     # crop boxes alone do not count: U decides whether a crop happened
     assert mandatory_reward(["crop"], set(), [[0, 0, 10, 10]], [0, 0, 10, 10]) == 0.0
-    # a crop task without a bbox cannot be scored: using crop earns its share
+    # a crop task without a bbox cannot be scored: using crop earns its share (the release: none)
     assert mandatory_reward(["crop"], {"crop"}, [[0, 0, 1, 1]], None) == 1.0
+    assert mandatory_reward(["rotate_90", "crop"], {"rotate_90", "crop"}, [], None, crop_without_bbox=0.0) == 0.5
 
 
 def test_crop_gate_scales_accuracy():
@@ -239,7 +240,11 @@ def test_necessity_conditions():
 def test_config_from_dict_and_presets():
     assert RewardConfig.from_dict({"beta": 0.3}).beta == 0.3
     assert RewardConfig.preset() == RewardConfig()
-    assert RewardConfig.preset("codevision_release") == RewardConfig(exec_fail_penalty=0.0)
+    assert RewardConfig.preset("codevision_release") == RewardConfig(
+        exec_fail_penalty=0.0, crop_frame="source", crop_without_bbox=0.0, answer_rules="release",
+        format_rules="release", tool_use="call", last_turn_call="skip")
+    with pytest.raises(ValueError, match="'answer_rules' is 'strict': choose one of codevision, release"):
+        RewardConfig(answer_rules="strict")
     with pytest.raises(ValueError, match=r"unknown reward config key\(s\) \['gama'\]; valid keys are: .*gamma"):
         RewardConfig.from_dict({"gama": 0.5})
     with pytest.raises(ValueError, match="unknown reward preset 'deepeyes'"):
@@ -262,3 +267,21 @@ def _image():
     from PIL import Image
 
     return Image.new("RGB", (40, 50))
+
+
+def test_the_release_format_reads_the_whole_response():
+    later_turn_without_think = EpisodeOutcome([CALL, "<answer>B</answer>"], True, ["rotate_270"], {"rotate_270"}, n_calls=1)
+    assert episode_components(later_turn_without_think)["fmt"] == 0.0  # ours: every turn opens with <think>
+    release = RewardConfig.preset("codevision_release")
+    assert episode_components(later_turn_without_think, release)["fmt"] == 1.0  # the release: one pair in all
+
+
+def test_necessity_follows_tool_use_and_the_crop_gate():
+    # The release counts any call as tool use, failed ones included
+    group = [_ep(True, 1), _ep(True, 2, n_failed=2), _ep(False, 0)]
+    assert necessity(group) == [0.5, 0.0, 0.0]  # ours: the all-failed rollout answered without tools
+    assert necessity(group, tool_use="call") == [1.0, 1.0, 0.0]
+    assert uses_tools(_ep(True, 2, n_failed=2), "call")
+    # a correct answer whose accuracy the crop gate cut earns no necessity (acc < 1)
+    gated = [{**_ep(True, 1), "acc": 0.05}, _ep(True, 1), _ep(False, 0)]
+    assert necessity(gated) == [0.0, 1.0, 0.0]

@@ -13,6 +13,7 @@ from PIL import Image
 from cv_env.task import Task
 from cv_env.tasks import CATEGORIES, MalformedRowError, SyntheticSuite, load_tasks, read_parquet, write_parquet
 from cv_env.tasks.parquet import SCHEMA, normalise_bbox, normalise_transform
+from release_rows import release_row, smooth_image, write_release_rows
 
 
 def png(image: Image.Image) -> bytes:
@@ -82,11 +83,11 @@ def test_reads_the_forms_real_files_use(tmp_path):
     first, second = read_parquet(path)
     assert first.question == "What is on the sign?"  # from the prompt: no extra_info.question
     assert first.answer == "STOP" and first.answer_type == "text"
-    assert first.transforms == ["rotate_90", "crop"] and first.bbox == [1.0, 2.0, 11.0, 12.0]
+    assert first.transforms == ["rotate_90"] and first.bbox == [1.0, 2.0, 11.0, 12.0]  # no crop inferred
     assert first.id == "mvtoolbench/7" and first.category == "mvtoolbench" and first.extra == {"index": 7}
     assert np.array_equal(np.asarray(second.images[0]), np.asarray(image))  # path relative to the file
     assert second.transforms == [] and second.bbox is None
-    assert len(read_parquet(path, crop_from_bbox=False)[0].transforms) == 1
+    assert read_parquet(path, crop_from_bbox=True)[0].transforms == ["rotate_90", "crop"]
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -188,3 +189,56 @@ def test_sources_pickle_for_worker_processes(tmp_path):
         src[0]  # a cached row group must not stop pickling
         copy = pickle.loads(pickle.dumps(src))
         assert len(copy) == len(src) and copy[1].id == src[1].id
+
+
+def test_the_release_layout_loads_with_the_release_semantics(tmp_path):
+    image = smooth_image(np.random.default_rng(0), (40, 30))
+    rows = [
+        release_row(0, image, "B", transform=["rotate_90"], bbox=[2, 3, 20, 25], dataset_name="ChartQA"),
+        release_row(1, image, " park. ", transform=[], bbox=[2, 3, 20, 25], dataset_name="TextVQA"),
+        release_row(2, image, "7", transform=["crop"], bbox=None, dataset_name="TextVQA"),
+    ]
+    path = tmp_path / "mvtoolbench.parquet"
+    write_release_rows(path, rows)
+    first, second, third = read_parquet(path)
+    assert first.required_ops == ["rotate_270"] and first.bbox == [2.0, 3.0, 20.0, 25.0]  # a bbox asks for no crop
+    assert first.category == "ChartQA" and first.id == "codevision_rl/0"  # the per-source table's rows
+    assert first.extra == {"dataset_name": "ChartQA", "index": 0, "split": "train"}
+    assert first.question == "What does the image show?" and np.array_equal(np.asarray(first.images[0]), np.asarray(image))
+    assert second.required_ops == [] and second.answer == " park. "  # the truth as written
+    assert third.required_ops == ["crop"] and third.bbox is None  # kept: the reward config decides what it pays
+
+
+def test_loader_options_name_the_image_column_and_the_answer_field(tmp_path):
+    row = release_row(0, smooth_image(np.random.default_rng(1), (32, 24)), "4", bbox=[1, 1, 9, 9])
+    row["extra_info"]["answer"] = "four"
+    row["pictures"] = row.pop("images")
+    path = tmp_path / "renamed.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(MalformedRowError, match="no images in column 'images' .*image_column"):
+        read_parquet(path)[0]
+    task = read_parquet(path, image_column="pictures", answer_field="extra_info.answer", crop_from_bbox=True)[0]
+    assert (task.answer, task.transforms) == ("four", ["crop"])
+    with pytest.raises(MalformedRowError, match="answer_field 'extra_info.truth': the row has no 'truth'"):
+        read_parquet(path, image_column="pictures", answer_field="extra_info.truth")[0]
+
+
+def test_task_options_reach_the_loader_from_gym_make(tmp_path):
+    import gymnasium as gym
+
+    import cv_env  # noqa: F401
+
+    path = tmp_path / "rows.parquet"
+    write_release_rows(path, [release_row(0, smooth_image(np.random.default_rng(2), (32, 24)), "7", bbox=[1, 1, 9, 9])])
+    env = gym.make("CodeVision-v0", tasks=str(path), sandbox={"workers": 1}, disable_env_checker=True,
+                   task_options={"crop_from_bbox": True})
+    assert env.unwrapped.tasks[0].required_ops == ["crop"]
+    env.close()
+    with pytest.raises(ValueError, match=r"task option\(s\) \['size'\] do not apply to a parquet source; "
+                                         "it takes: on_error, crop_from_bbox, image_column, answer_field"):
+        load_tasks(str(path), size=3)
+    with pytest.raises(ValueError, match=r"\['crop_from_bbox'\] do not apply to a synthetic source"):
+        load_tasks("synthetic", crop_from_bbox=True)
+    with pytest.raises(ValueError, match="not to a given TaskSource or list of tasks"):
+        load_tasks([SyntheticSuite("charts", size=1)[0]], on_error="skip")
+    assert load_tasks("charts", size=2, difficulty=None).size == 2  # None keeps the default

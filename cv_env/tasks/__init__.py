@@ -29,12 +29,18 @@ from typing import Any
 
 from cv_env.task import Task
 from cv_env.tasks.base import ListSource, TaskSource
-from cv_env.tasks.parquet import MalformedRowError, read_parquet, write_parquet
+from cv_env.tasks.parquet import LOAD_OPTIONS, MalformedRowError, read_parquet, write_parquet
 from cv_env.tasks.robustness import ROBUSTNESS_VARIANTS, RobustnessWrapper
 from cv_env.tasks.suite import CATEGORIES, DEFAULT_MIX, SPLITS, SyntheticSuite, render_original
 
+# The options `load_tasks` passes on, by kind of source (`task_options` / `env.tasks_options`).
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "parquet": tuple(LOAD_OPTIONS),
+    "synthetic": ("size", "difficulty"),
+}
+
 __all__ = [
-    "CATEGORIES", "DEFAULT_MIX", "SPLITS", "ROBUSTNESS_VARIANTS", "ListSource", "MalformedRowError",
+    "CATEGORIES", "DEFAULT_MIX", "SPLITS", "ROBUSTNESS_VARIANTS", "TASK_OPTIONS", "ListSource", "MalformedRowError",
     "RobustnessWrapper", "SyntheticSuite", "TaskSource", "load_tasks", "read_parquet", "render_original",
     "write_parquet",
 ]
@@ -46,17 +52,22 @@ def load_tasks(spec: Any = "synthetic", split: str = "train", seed: int = 0, **k
     `spec` is one of: "synthetic" (the default suite); a category name or comma-separated names
     ("orientation_ocr", "charts,tiny_ocr"); a path to a .parquet file, a glob or a directory of
     them; a `TaskSource` (returned as is); or a list of `Task`. `split` and `seed` select the
-    synthetic items; extra keyword arguments go to `SyntheticSuite` (size, difficulty) or
-    `read_parquet` (on_error, crop_from_bbox).
+    synthetic items; extra keyword arguments are the source's options (`TASK_OPTIONS`): size and
+    difficulty for `SyntheticSuite`; on_error, crop_from_bbox, image_column and answer_field for
+    `read_parquet`. An option set to None keeps its default; one the source does not take is an
+    error that names the options it does take.
     """
-    if isinstance(spec, TaskSource):
-        return spec
-    if isinstance(spec, (list, tuple)) and all(isinstance(t, Task) for t in spec):
-        return ListSource(spec)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if isinstance(spec, TaskSource) or (isinstance(spec, (list, tuple)) and all(isinstance(t, Task) for t in spec)):
+        if kwargs:
+            raise ValueError(f"task options {sorted(kwargs)} apply to a source that load_tasks opens (synthetic or "
+                             "parquet), not to a given TaskSource or list of tasks: drop them")
+        return spec if isinstance(spec, TaskSource) else ListSource(spec)
     if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".parquet") or Path(spec).is_dir()
                                                               or any(c in spec for c in "*?["))):
-        return read_parquet(spec, **kwargs)
+        return read_parquet(spec, **_options(kwargs, "parquet"))
     if isinstance(spec, str):
+        kwargs = _options(kwargs, "synthetic")
         name = spec.strip()
         if name in ("synthetic", "default"):
             return SyntheticSuite(None, split=split, seed=seed, **kwargs)
@@ -68,3 +79,11 @@ def load_tasks(spec: Any = "synthetic", split: str = "train", seed: int = 0, **k
             "a .parquet path, a TaskSource or a list of cv_env.Task"
         )
     raise TypeError(f"cannot load tasks from a {type(spec).__name__}; expected a str, Path, TaskSource or list of Task")
+
+
+def _options(kwargs: dict[str, Any], kind: str) -> dict[str, Any]:
+    unknown = sorted(set(kwargs) - set(TASK_OPTIONS[kind]))
+    if unknown:
+        raise ValueError(f"task option(s) {unknown} do not apply to a {kind} source; it takes: "
+                         f"{', '.join(TASK_OPTIONS[kind])}")
+    return kwargs

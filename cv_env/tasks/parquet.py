@@ -9,6 +9,14 @@ One row is one task, in the verl-style layout the CodeVision data uses:
     reward_model  {style, ground_truth}
     extra_info    {question, transform (list | str | dict), bbox or bbox_2d, index, ...}
 
+The release's files (`kkwok/CodeVision-RL`, MVToolBench) load with the release's semantics by
+default: the required ops are the inverses of what `transform` lists and nothing else (a bbox
+alone asks for no crop: `crop_from_bbox=True` changes that), the ground truth is
+`reward_model.ground_truth` as written, and a row's category is its `extra_info.dataset_name`
+(the paper's per-source table). The other `extra_info` fields (`dataset_name`, `split`,
+`index`, ...) are kept in `Task.extra`. Loader options (`LOAD_OPTIONS`) reach users through
+`gym.make(..., task_options={...})` and `env.tasks_options` in the trainers' config.
+
 Reading is lenient about the forms real files use (a transform given as "rot90", "rotate_90,
 crop" or {"rotate": 90}; `bbox` or `bbox_2d`, flat or nested) and strict about meaning: a row
 that cannot become a valid `Task` raises `MalformedRowError` naming the file and row, or, with
@@ -54,6 +62,13 @@ SCHEMA = pa.schema([
     ])),
 ])
 IMAGE_PLACEHOLDER = "<image>"
+# Options of `read_parquet` a user may set (`task_options`), with their defaults.
+LOAD_OPTIONS: dict[str, Any] = {
+    "on_error": "raise",  # raise | skip (count malformed rows in `skipped`)
+    "crop_from_bbox": False,  # also require a crop at the bbox of rows whose transform lists none
+    "image_column": "images",  # the column holding a row's images ({bytes, path} structs, bytes or paths)
+    "answer_field": None,  # dotted path of the ground truth, e.g. "extra_info.answer" (None: reward_model.ground_truth)
+}
 _EXTRA_INFO_FIELDS = tuple(SCHEMA.field("extra_info").type.field(i).name for i in range(SCHEMA.field("extra_info").type.num_fields))
 
 
@@ -215,37 +230,56 @@ def _question_from_prompt(prompt: Any) -> str:
     return str(content or "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-def row_to_task(row: dict, *, where: str, base_dir: Path, crop_from_bbox: bool = True) -> Task:
-    """Build a `Task` from one row (a dict of the schema's columns); `where` names it in errors."""
+def _ground_truth(row: dict, info: dict, answer_field: str | None) -> Any:
+    """The ground truth at `answer_field` ("column.key..."), or by default the release's
+    `reward_model.ground_truth`, else `extra_info.answer`, else an `answer` column."""
+    if answer_field is None:
+        reward = row.get("reward_model") or {}
+        truth = reward.get("ground_truth") if isinstance(reward, dict) else None
+        return truth if truth is not None else info.get("answer", row.get("answer"))
+    value: Any = row
+    for key in answer_field.split("."):
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)  # a struct stored as JSON text
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"answer_field {answer_field!r}: the row has no {key!r} there")
+        value = value[key]
+    return value
+
+
+def row_to_task(row: dict, *, where: str, base_dir: Path, crop_from_bbox: bool = False,
+                image_column: str = "images", answer_field: str | None = None) -> Task:
+    """Build a `Task` from one row (a dict of the schema's columns); `where` names it in errors.
+
+    See `LOAD_OPTIONS` for the keyword arguments.
+    """
     try:
         info = row.get("extra_info") or {}
         if isinstance(info, str):
             info = json.loads(info)
-        images_field = row.get("images")
+        images_field = row.get(image_column)
         if images_field is None or len(images_field) == 0:
-            raise ValueError("the row has no images")
+            columns = ", ".join(sorted(row))
+            raise ValueError(f"the row has no images in column {image_column!r} (columns: {columns}); "
+                             "name the image column with the task option image_column")
         if isinstance(images_field, dict):
             images_field = [images_field]
         images = [_load_image(item, base_dir) for item in images_field]
         question = info.get("question") or _question_from_prompt(row.get("prompt"))
         if not question:
             raise ValueError("no question: extra_info.question is empty and the prompt has no user turn")
-        reward = row.get("reward_model") or {}
-        truth = reward.get("ground_truth") if isinstance(reward, dict) else None
-        if truth is None:
-            truth = info.get("answer", row.get("answer"))
-        if isinstance(truth, (list, tuple)) and len(truth) == 1:
+        truth = _ground_truth(row, info, answer_field)
+        if isinstance(truth, (list, tuple, np.ndarray)) and len(truth) == 1:
             truth = truth[0]
         if truth is None or str(truth).strip() == "":
-            raise ValueError("no ground truth: reward_model.ground_truth is missing")
-        answer = str(truth).strip()
+            raise ValueError(f"no ground truth: {answer_field or 'reward_model.ground_truth'} is missing or empty")
+        answer = str(truth)  # as written: the release's rules compare it unstripped
         transforms = normalise_transform(info.get("transform", info.get("transforms")))
         bbox = normalise_bbox(info.get("bbox", info.get("bbox_2d")))
         if bbox is not None and crop_from_bbox and "crop" not in transforms:
             transforms.append("crop")  # a target box means the answer needs a crop there
-        if "crop" in transforms and bbox is None:
-            raise ValueError("transform lists crop but the row has no bbox")
-        answer_type = info.get("answer_type") or _infer_answer_type(answer, question)
+        # A crop listed without a bbox stays required: the reward config decides what it pays.
+        answer_type = info.get("answer_type") or _infer_answer_type(answer.strip(), question)
         if answer_type not in ANSWER_TYPES:
             raise ValueError(f"answer_type {answer_type!r} is not one of {ANSWER_TYPES}")
         extra = json.loads(info["extra"]) if info.get("extra") else {}
@@ -258,8 +292,9 @@ def row_to_task(row: dict, *, where: str, base_dir: Path, crop_from_bbox: bool =
         data_source = row.get("data_source") or ""
         index = info.get("index")
         task_id = info.get("task_id") or (f"{data_source}/{index}" if index is not None else where)
+        category = info.get("category") or info.get("dataset_name") or data_source or "general"
         return Task(id=str(task_id), images=images, question=str(question), answer=answer,
-                    answer_type=answer_type, category=info.get("category") or data_source or "general",
+                    answer_type=answer_type, category=str(category),
                     transforms=transforms, bbox=bbox, source=info.get("source") or data_source, extra=extra)
     except MalformedRowError:
         raise
@@ -277,14 +312,16 @@ class ParquetTasks(TaskSource):
     `MalformedRowError`, since `src[i]` has no task to return.
     """
 
-    def __init__(self, paths: Iterable[str | Path], on_error: str = "raise", crop_from_bbox: bool = True,
-                 batch_size: int = 64):
+    def __init__(self, paths: Iterable[str | Path], on_error: str = "raise", crop_from_bbox: bool = False,
+                 batch_size: int = 64, image_column: str = "images", answer_field: str | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise ValueError("no parquet files given")
-        self.on_error, self.crop_from_bbox, self.batch_size = on_error, crop_from_bbox, batch_size
+        self.on_error, self.batch_size = on_error, batch_size
+        self.row_options = {"crop_from_bbox": bool(crop_from_bbox), "image_column": image_column,
+                            "answer_field": answer_field}
         self.skipped, self.errors = 0, []
         self._files: list[pq.ParquetFile] = []
         self._file_starts: list[int] = []  # global index of each file's first row
@@ -340,7 +377,7 @@ class ParquetTasks(TaskSource):
         row = self._cached[1].slice(offset, 1).to_pylist()[0]
         file_row = index - self._file_starts[f]
         return row_to_task(row, where=self._row_where(f, file_row), base_dir=self.paths[f].parent,
-                           crop_from_bbox=self.crop_from_bbox)
+                           **self.row_options)
 
     def _skip(self, err: MalformedRowError) -> None:
         if self.on_error == "raise":
@@ -356,7 +393,7 @@ class ParquetTasks(TaskSource):
                 for record in batch.to_pylist():
                     try:
                         yield row_to_task(record, where=self._row_where(f, row), base_dir=self.paths[f].parent,
-                                          crop_from_bbox=self.crop_from_bbox)
+                                          **self.row_options)
                     except MalformedRowError as err:
                         self._skip(err)
                     row += 1
@@ -370,13 +407,15 @@ class ParquetTasks(TaskSource):
         raise ValueError(f"100 sampled rows of {self!r} were all malformed; see .errors")
 
 
-def read_parquet(path: str | Path | Iterable[str | Path], on_error: str = "raise", crop_from_bbox: bool = True,
-                 batch_size: int = 64) -> ParquetTasks:
+def read_parquet(path: str | Path | Iterable[str | Path], on_error: str = "raise", crop_from_bbox: bool = False,
+                 batch_size: int = 64, image_column: str = "images", answer_field: str | None = None) -> ParquetTasks:
     """Open CodeVision-RL parquet file(s) as a task source.
 
     `path` is a file, a glob (`data/train_group_*.parquet`), a directory (all its `*.parquet`),
     or a list of those. `on_error="skip"` skips and counts malformed rows while iterating or
-    sampling. `crop_from_bbox` adds "crop" to a row's transforms when it has a bbox.
+    sampling. `crop_from_bbox` adds "crop" to the transforms of a row with a bbox (the release
+    does not). `image_column` names the images' column, `answer_field` the ground truth's
+    dotted path (default `reward_model.ground_truth`, else `extra_info.answer`).
     """
     items = [path] if isinstance(path, (str, Path)) else list(path)
     files: list[Path] = []
@@ -391,7 +430,8 @@ def read_parquet(path: str | Path | Iterable[str | Path], on_error: str = "raise
         if not found:
             raise FileNotFoundError(f"no parquet files match {str(item)!r}")
         files += found
-    return ParquetTasks(files, on_error=on_error, crop_from_bbox=crop_from_bbox, batch_size=batch_size)
+    return ParquetTasks(files, on_error=on_error, crop_from_bbox=crop_from_bbox, batch_size=batch_size,
+                        image_column=image_column, answer_field=answer_field)
 
 
 # ----------------------------------------------------------------------------------- writing
