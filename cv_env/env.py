@@ -45,7 +45,7 @@ from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
 from cv_env.judge import LLMJudge, make_judge
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, action_text, get_prompt, parse_action
-from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, exec_fail_reward
+from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, step_components
 from cv_env.sandbox import Sandbox
 from cv_env.spaces import observation_space, sanitize_text, text_space
 from cv_env.task import Task
@@ -300,7 +300,8 @@ class CodeVisionEnv(gym.Env):
         obs, ok = self._run_tool(turn, info)
         if n_turns >= self.max_turns:  # the final step pays all that is left, this call included
             return self._finish(None, info, terminated=False, obs=obs)
-        step_reward = exec_fail_reward(ok, self.reward_config)
+        info["reward_components"] = step_components(ok, self.reward_config)  # this step's terms, by name
+        step_reward = info["reward_components"]["total"]
         episode.paid += step_reward
         return obs, step_reward, False, False, info
 

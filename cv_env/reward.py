@@ -51,6 +51,7 @@ __all__ = [
     "usage_cost",
     "spurious_penalty",
     "exec_fail_reward",
+    "step_components",
     "episode_components",
     "uses_tools",
     "necessity",
@@ -334,6 +335,18 @@ def spurious_penalty(required_ops: Sequence[str], used_ops: Iterable[str]) -> fl
 def exec_fail_reward(ok: bool, cfg: RewardConfig) -> float:
     """The per-call term the env pays on a tool step: -exec_fail_penalty if the execution failed."""
     return 0.0 if ok else -cfg.exec_fail_penalty
+
+
+# The names of `episode_components`, in its order (every step's info names them all).
+TERMS = ("acc", "fmt", "mandatory", "necessity", "exact", "emerge", "usage_cost", "spurious", "exec_fail", "total")
+
+
+def step_components(ok: bool, cfg: RewardConfig) -> dict[str, float]:
+    """The terms of a tool step that does not end the episode: every term by name, 0 but this
+    call's `exec_fail` penalty, which is also the step's `total` (the rest is paid at the end)."""
+    terms = dict.fromkeys(TERMS, 0.0)
+    terms["exec_fail"] = terms["total"] = exec_fail_reward(ok, cfg)
+    return terms
 
 
 def episode_components(outcome: EpisodeOutcome, cfg: RewardConfig | None = None) -> dict[str, float]:

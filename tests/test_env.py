@@ -209,3 +209,22 @@ def test_a_thousand_random_episodes_run_without_an_exception(sandbox):
         assert env.observation_space.contains(obs)
         ended += 1
     assert ended == 1000
+
+
+def test_every_step_names_every_reward_term():
+    """DESIGN.md: info["reward_components"] always shows every term by name; a tool step's
+    terms are its own (0 but the call's penalty), the final step's the episode's."""
+    from cv_env.reward import TERMS
+
+    env = gym.make("CodeVision-v0", tasks="synthetic", disable_env_checker=True)
+    env.reset(seed=3)
+    paid = 0.0
+    for action in ({"code": "result = image.rotate(90, expand=True)"}, {"code": "x = 1 / 0"}, {"code": "print(1)"},
+                   "<think>done</think><answer>a</answer>"):
+        _, reward, terminated, truncated, info = env.step(action)
+        assert tuple(info["reward_components"]) == TERMS
+        paid += reward
+        if not (terminated or truncated):
+            assert info["reward_components"]["total"] == reward == info["reward_components"]["exec_fail"]
+    assert abs(paid - info["reward_components"]["total"]) < 1e-9
+    env.close()
