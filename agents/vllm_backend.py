@@ -47,7 +47,7 @@ from agents.vllm_worker import EXTENSION, pack_chunk
 from agents.weight_stream import Chunk, SyncStats, stream_weights
 
 __all__ = ["VLLMBackend", "VERIFIED_VLLM", "Placement", "engine_placement", "engine_kwargs", "sampling_kwargs",
-           "collapse_image_spans", "vllm_available"]
+           "vllm_prompt", "collapse_image_spans", "vllm_available"]
 
 # The vLLM releases whose call surface this module was checked against (setup.py admits these).
 VERIFIED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
@@ -182,6 +182,7 @@ class VLLMBackend:
         placement = engine_placement(tensor_parallel_size, _world_size(), torch.cuda.device_count(), os.environ)
         os.environ.update(placement.environ)
         self.in_process = placement.in_process
+        self._updated = False  # whether update_weights has sent every weight once
         self.llm = LLM(**engine_kwargs(
             resolve_model_path(policy.spec), dtype, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, max_images=max_images, enable_prefix_caching=enable_prefix_caching,
@@ -197,15 +198,10 @@ class VLLMBackend:
 
         if not requests:
             return []
-        prompts, params = [], []
-        for i, request in enumerate(requests):
-            prompt: dict[str, Any] = {"prompt_token_ids": collapse_image_spans(request.token_ids, self.image_token_id)}
-            if request.images:
-                prompt["multi_modal_data"] = {"image": list(request.images)}
-            prompts.append(prompt)
-            params.append(VLLMSamplingParams(**sampling_kwargs(
-                sampling, min(int(request.max_new_tokens), sampling.max_new_tokens), self.stop_ids,
-                self.suppress_bias, None if seed is None else seed * 1_000_003 + i)))
+        prompts = [vllm_prompt(request, self.image_token_id) for request in requests]
+        params = [VLLMSamplingParams(**sampling_kwargs(
+            sampling, min(int(request.max_new_tokens), sampling.max_new_tokens), self.stop_ids, self.suppress_bias,
+            None if seed is None else seed * 1_000_003 + i)) for i, request in enumerate(requests)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for request, output in zip(requests, outputs):
@@ -228,9 +224,11 @@ class VLLMBackend:
 
     def update_weights(self, model) -> SyncStats:
         """Load the trainer's weights into vLLM, one layer at a time, then drop the caches computed
-        with the old ones. Every rank calls it together (FSDP2 gathers are collectives). Only what
-        training can change travels (`stream_weights(trainable_only=True)`)."""
-        stats = stream_weights(model, self._load, dtype=self.dtype, trainable_only=True)
+        with the old ones. Every rank calls it together (FSDP2 gathers are collectives). The first
+        update sends every weight (a resumed run's frozen weights may differ from the checkpoint
+        vLLM loaded); later ones only what training changes (`trainable_only`)."""
+        stats = stream_weights(model, self._load, dtype=self.dtype, trainable_only=self._updated)
+        self._updated = True
         self.drop_caches()
         return stats
 
@@ -247,6 +245,14 @@ class VLLMBackend:
         if not all(loaded):
             raise RuntimeError(f"vLLM's model loaded none of {[name for name, _ in chunk][:4]}: their names do not "
                                "match its checkpoint format (is the engine serving the policy's model family?)")
+
+
+def vllm_prompt(request: GenerationRequest, image_token_id: int) -> dict[str, Any]:
+    """vLLM's prompt for a request: its ids with each image's placeholders collapsed, and its images."""
+    prompt: dict[str, Any] = {"prompt_token_ids": collapse_image_spans(request.token_ids, image_token_id)}
+    if request.images:
+        prompt["multi_modal_data"] = {"image": list(request.images)}
+    return prompt
 
 
 def collapse_image_spans(token_ids: Sequence[int], image_token_id: int) -> list[int]:

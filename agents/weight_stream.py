@@ -48,7 +48,7 @@ _UNSUPPORTED_PEFT_PARTS = (".modules_to_save.", ".original_module.")
 @dataclass(frozen=True)
 class SyncStats:
     """What one `stream_weights` call sent: chunks (layers), tensors, their bytes, the largest
-    chunk's bytes (the sync's extra memory beyond transient gathers) and the wall time."""
+    chunk's bytes (what bounds the sync's extra memory, transient gathers aside) and the wall time."""
 
     chunks: int
     tensors: int

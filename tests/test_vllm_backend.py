@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from torch import nn
 
-from agents.generation import SamplingParams
-from agents.vllm_backend import MULTIPROCESSING, VLLMBackend, engine_kwargs, engine_placement, sampling_kwargs
+from agents.generation import GenerationRequest, SamplingParams
+from agents.vllm_backend import (MULTIPROCESSING, VLLMBackend, engine_kwargs, engine_placement, sampling_kwargs,
+                                 vllm_prompt)
 from agents.vllm_worker import EXTENSION, WeightLoader, pack_chunk, unpack_chunk
 from algos.config import GRPOConfig, load_config
 from algos.ppo_config import PPOConfig
@@ -79,6 +83,15 @@ def test_max_images_must_cover_an_episode():
     assert load_config(["rollout.max_images=4"]).rollout.max_images == 4  # transformers sampling has no such limit
 
 
+def test_a_prompt_reaches_vllm_with_one_placeholder_per_image_and_its_images():
+    image = Image.new("RGB", (28, 28))
+    ids = [1, 9, 9, 9, 2, 9, 9, 3]
+    prompt = vllm_prompt(GenerationRequest(ids, [image, image], None, [[1, 2, 2], [1, 2, 2]], 16), image_token_id=9)
+    assert prompt == {"prompt_token_ids": [1, 9, 2, 9, 3], "multi_modal_data": {"image": [image, image]}}
+    assert ids == [1, 9, 9, 9, 2, 9, 9, 3]  # the episode's own ids are left as they are
+    assert vllm_prompt(GenerationRequest([1, 2], [], None, [], 16), image_token_id=9) == {"prompt_token_ids": [1, 2]}
+
+
 def test_sampling_arguments_keep_the_samplers_log_probs_recomputable():
     kwargs = sampling_kwargs(SamplingParams(temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=64), max_tokens=32,
                              stop_ids=[7, 8], logit_bias={5: -100.0}, seed=11)
@@ -86,15 +99,24 @@ def test_sampling_arguments_keep_the_samplers_log_probs_recomputable():
                           logit_bias={5: -100.0}, logprobs=0, seed=11, skip_special_tokens=False, detokenize=False)
 
 
-def test_a_weight_chunk_crosses_processes_as_bytes_unchanged():
-    chunk = [("model.language_model.layers.0.mlp.up_proj.weight", torch.randn(4, 3).to(torch.bfloat16)),
-             ("lm_head.weight", torch.randn(5, 2)), ("model.visual.pos_embed.weight", torch.randn(2, 2)[:, 0])]
-    data = pack_chunk(chunk)
-    assert isinstance(data, bytes)
-    back = dict(unpack_chunk(memoryview(data)))
-    assert set(back) == {name for name, _ in chunk}
-    for name, tensor in chunk:
-        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 5), min_size=0, max_size=3),
+                          st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.booleans()),
+                min_size=1, max_size=4),
+       st.integers(0, 2**31 - 1))
+def test_a_weight_chunk_crosses_processes_as_bytes_unchanged(specs, seed):
+    generator = torch.Generator().manual_seed(seed)
+    chunk = []
+    for i, (shape, dtype, transposed) in enumerate(specs):
+        tensor = torch.randn(shape, generator=generator).to(dtype)
+        chunk.append((f"model.language_model.layers.{i}.w", tensor.T if transposed and tensor.dim() == 2 else tensor))
+    back = unpack_chunk(memoryview(pack_chunk(chunk)))
+    assert sorted(name for name, _ in back) == sorted(name for name, _ in chunk)
+    for (_, sent), (_, got) in zip(sorted(chunk, key=lambda p: p[0]), sorted(back, key=lambda p: p[0])):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+
+
+def test_a_chunk_naming_a_tensor_twice_is_refused():
     with pytest.raises(ValueError, match="names a tensor twice"):
         pack_chunk([("a", torch.zeros(1)), ("a", torch.ones(1))])
 
@@ -132,7 +154,6 @@ def test_the_worker_extension_loads_a_chunk_into_the_model(as_bytes):
 
 
 def test_without_vllm_the_backend_names_the_fix():
-    pytest.importorskip("torch")
     try:
         import vllm  # noqa: F401
         pytest.skip("vLLM is installed here")

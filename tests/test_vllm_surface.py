@@ -47,7 +47,6 @@ SOURCES = (
     "vllm/model_executor/models/qwen2_5_vl.py",
     "vllm/model_executor/models/qwen3_vl.py",
 )
-MODEL_FILES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}  # tiny family -> vLLM module
 
 
 class Release:
@@ -165,7 +164,8 @@ def test_every_method_the_backend_calls_exists(release):
 
 def test_request_and_output_fields_exist(release):
     request = sampling_kwargs(SamplingParams(), 8, [1], {2: -100.0}, seed=0)
-    assert set(request) <= fields(release.cls("vllm/sampling_params.py", "SamplingParams"))
+    # min_tokens and ignore_eos: scripts/gpu_check.py's raw replay of the engine's requests.
+    assert set(request) | {"min_tokens", "ignore_eos"} <= fields(release.cls("vllm/sampling_params.py", "SamplingParams"))
     assert {"prompt_token_ids", "outputs"} <= params(methods(release.cls("vllm/outputs.py", "RequestOutput"))["__init__"])
     assert {"token_ids", "logprobs"} <= fields(release.cls("vllm/outputs.py", "CompletionOutput"))
     assert "logprob" in fields(release.cls("vllm/logprobs.py", "Logprob"))
@@ -187,7 +187,7 @@ def test_the_worker_extension_fits_every_worker(release):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_vllms_loader_takes_the_names_the_weight_stream_sends(release, family):
     # The stream sends transformers' names (model.language_model.*, model.visual.*, lm_head.*).
-    path = f"vllm/model_executor/models/{MODEL_FILES[family]}.py"
+    path = f"vllm/model_executor/models/{family}.py"  # vLLM names its modules as we name the families
     model_class = tiny.FAMILY_SPECS[family]["model_class"]
     assert model_class in ast.unparse(release.tree("vllm/model_executor/models/registry.py"))
     node = release.cls(path, model_class)
