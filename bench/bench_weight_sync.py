@@ -151,6 +151,7 @@ def fsdp_worker(spec: str, repeats: int, out: str) -> None:
             for label, sync in (("whole state", whole_state_sync), ("stream", stream_sync))]
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(rows))
+    dist.barrier()  # no rank tears down the process group while its peer may still be reading
     dist.destroy_process_group()
 
 

@@ -262,6 +262,7 @@ def check_fsdp() -> bool:
                   f"peak extra CUDA memory {peak / 1e6:.2f} MB (largest layer {largest / 1e6:.2f} MB, model "
                   f"{model / 1e6:.2f} MB; PASS below half the model); vLLM after the sync vs the trainer: "
                   + figures(max_gap, mean_gap))
+    dist.barrier()
     dist.destroy_process_group()
     return ok
 

@@ -181,6 +181,7 @@ FSDP_WORKER = textwrap.dedent(
             "chunks": stats.chunks, "layers": len(layers), "largest_layer": max(layers.values()),
             "model": sum(layers.values()), "streamed_peak": streamed.peak_bytes, "whole_peak": whole.peak_bytes,
         }, f)
+    dist.barrier()  # no rank tears down gloo while its peer may still be reading
     dist.destroy_process_group()
     """
 )
