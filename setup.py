@@ -36,7 +36,9 @@ TRAIN = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
 ]
-VLLM = ["vllm>=0.11"]  # GPU only; pins its own torch/transformers
+# GPU only; pins its own torch (0.32: 2.13.0, 0.33/0.34: 2.14.0). The releases whose call surface
+# agents/vllm_backend.py was checked against (VERIFIED_VLLM; tests/test_vllm_surface.py).
+VLLM = ["vllm>=0.32,<0.35"]
 # Our env inside other trainers (integrations/): the versions the tests ran with, pinned.
 TRL = ["trl==1.16.0"]  # GRPOTrainer's environment_factory with multimodal tool replies
 # verl 0.9.1 declares transformers<5.11 (and ray, tensordict, ...): it cannot share an environment

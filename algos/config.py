@@ -172,6 +172,9 @@ class RolloutConfig:
     val_temperature: float = 0.0
     gpu_memory_utilization: float = 0.6
     tensor_parallel_size: int = 1
+    max_images: int = 16
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
 
 
 @dataclass
@@ -350,6 +353,9 @@ def _validate(cfg: GRPOConfig) -> None:
     )
     _require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
     _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    _require(r.backend != "vllm" or r.max_images >= e.max_turns, "rollout.max_images",
+             f"{r.max_images} is fewer than an episode can show (the task's image and one per tool call over "
+             f"env.max_turns={e.max_turns} turns): raise it to at least {e.max_turns}")
 
     _choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
     _require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")

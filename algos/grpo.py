@@ -235,7 +235,9 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     if t.fsdp and world > 1:
         fsdp2_wrap(policy.model, mixed_precision=None)  # the weights keep model.dtype, as unsharded
     # Rollouts and scoring run a different number of forwards on each rank: on gathered weights.
+    # vLLM samples from its own copy of the weights: its rollouts need no gathered policy.
     gathered = functools.partial(fsdp2_gathered, policy.model)
+    sampling_weights = gathered if r.backend == "hf" else contextlib.nullcontext
     reference = None
     if a.kl.coef > 0:
         reference = policy if policy.is_peft else load_policy(cfg, dist_info.device, trainable=False)
@@ -269,7 +271,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
         last_metrics: dict[str, float] = {}
         step = start_step
         if t.val_before_train and start_step == 0 and val_tasks:
-            with gathered():
+            with sampling_weights():
                 val_metrics = validate(val_engine, val_tasks, val_chunk, seed=t.seed)
             tracker.log(val_metrics, step=0)
             last_metrics.update(val_metrics)
@@ -283,7 +285,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             mine = indices[rank::world]
             prompts = [train_tasks[i] for i in mine]
             group_ids = [f"step{step}-prompt{rank + k * world}" for k in range(len(prompts))]
-            with gathered():
+            with sampling_weights():
                 trajectories = engine.rollout(prompts, n=r.n, group_ids=group_ids, seed=step_seed)
             report_episode_errors(trajectories, step)  # the run goes on without them
             # step_s: waiting for env steps (the sandbox) once generation is done; not the overlapped part.
@@ -342,7 +344,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                 tracker.log_table("samples/train", rows, images, step=step)
             if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
                 val_start = time.perf_counter()
-                with gathered():
+                with sampling_weights():
                     metrics.update(validate(val_engine, val_tasks, val_chunk, seed=t.seed))
                 metrics["time/validation"] = time.perf_counter() - val_start
             tracker.log(metrics, step=step)

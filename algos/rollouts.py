@@ -35,6 +35,7 @@ from cv_env.tasks import load_tasks
 __all__ = [
     "check_rollout_backend",
     "make_generator",
+    "vllm_options",
     "build_engines",
     "open_engines",
     "load_task_splits",
@@ -77,8 +78,14 @@ def make_generator(policy: Policy, rollout: Any):
     check_rollout_backend(rollout)
     from agents.vllm_backend import VLLMBackend
 
-    return VLLMBackend(policy, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                       max_model_len=rollout.max_total_tokens, tensor_parallel_size=rollout.tensor_parallel_size)
+    return VLLMBackend(policy, **vllm_options(rollout))
+
+
+def vllm_options(rollout: Any) -> dict[str, Any]:
+    """`VLLMBackend`'s arguments from the rollout config: every vLLM key of conf/ reaches `vllm.LLM`."""
+    return dict(gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_total_tokens,
+                tensor_parallel_size=rollout.tensor_parallel_size, max_images=rollout.max_images,
+                enable_prefix_caching=rollout.enable_prefix_caching, enforce_eager=rollout.enforce_eager)
 
 
 def build_engines(cfg: Any, generator: Any, sandbox: Any) -> tuple[RolloutEngine, RolloutEngine]:

