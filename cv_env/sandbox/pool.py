@@ -520,6 +520,8 @@ class Sandbox:
                 message, problem = None, "timeout"
             except (OSError, WireError) as exc:
                 message, problem = None, exc
+            if isinstance(message, dict) and message.get("retired") is True and not slot.began(slot.calls):
+                message = None  # it retired (left unclean) before it read this call: a fresh one runs it
             if message is not None:
                 break
             began = slot.began(slot.calls)

@@ -65,6 +65,10 @@ def luminance(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
+def _sign(v: float) -> int:
+    return 1 if v > 0 else -1
+
+
 def _signed_permutation(matrix) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """The rotation/flip of a frame's linear part (a scaled signed permutation), or None."""
     (a, b, _), (c, d, _) = matrix
@@ -73,19 +77,20 @@ def _signed_permutation(matrix) -> tuple[tuple[int, int], tuple[int, int]] | Non
         return None
     tol = 1e-6 * scale
     if abs(b) <= tol and abs(c) <= tol and abs(a) > tol and abs(d) > tol:
-        return (int(np.sign(a)), 0), (0, int(np.sign(d)))
+        return (_sign(a), 0), (0, _sign(d))
     if abs(a) <= tol and abs(d) <= tol and abs(b) > tol and abs(c) > tol:
-        return (0, int(np.sign(b))), (int(np.sign(c)), 0)
+        return (0, _sign(b)), (_sign(c), 0)
     return None
 
 
 def _compose(ops: list[dict]) -> tuple[tuple[int, int], tuple[int, int]]:
     """The net orientation of a chain of ops (each one's output -> input map, in order)."""
-    net = np.eye(2, dtype=int)
+    (a, b), (c, d) = (1, 0), (0, 1)
     for op in ops:
         if op["name"] in _ORIENTATION:
-            net = net @ np.array(_ORIENTATION[op["name"]], dtype=int)
-    return tuple(map(tuple, net.tolist()))
+            (e, f), (g, h) = _ORIENTATION[op["name"]]
+            (a, b), (c, d) = (a * e + b * g, a * f + b * h), (c * e + d * g, c * f + d * h)
+    return (a, b), (c, d)
 
 
 def _output_symmetries(size: tuple[int, int]) -> list[Frame]:
@@ -145,16 +150,13 @@ def verify_claims(source: np.ndarray, output: np.ndarray, frame: Frame | None, o
         return Verified(others, frame)  # claims no geometry at all: nothing the reward pays for
 
     n = w * h
-    if n <= SAMPLES:
-        ys, xs = np.divmod(np.arange(n), w)
-    else:
-        xs, ys = rng.integers(0, w, SAMPLES), rng.integers(0, h, SAMPLES)
+    ys, xs = np.divmod(np.arange(n) if n <= SAMPLES else rng.integers(0, n, SAMPLES), w)
     seen, expected = _sample(frame, output, source, xs, ys)
     if len(seen) < MIN_SAMPLES:
         return Verified(others, None)  # the output shows too little of the source to test
     exact = all(op["name"] in _EXACT_OPS for op in ops)
     if exact:
-        if float(np.mean(np.abs(seen - expected) <= 1.0)) < EXACT_MATCH:
+        if np.count_nonzero(np.abs(seen - expected) <= 1.0) < EXACT_MATCH * len(seen):
             raise ClaimError("the output does not show the source through the claimed rotations/flips/crops")
     else:
         claimed = _correlation(seen, expected)

@@ -9,9 +9,9 @@ from shared memory, the output's pixels go back into it, and only small JSON mes
 (`wire.py`) cross the socket. Nothing is pickled.
 
 Per call a worker first marks the call as begun in shared memory (the host retries, on a fresh
-worker, a call that never got this far), then runs the snippet, and checks itself *before* replying: a snippet
-that changed library state or left a global lock held is paid for in its own call (the reply
-says `retire` and the host replaces the worker), never in the next, innocent one.
+worker, a call that never got this far), runs the snippet, replies, and then checks itself: a
+worker that a snippet left with changed library state or a global lock held says so and exits,
+and the host gives the next call a fresh worker, so an innocent call never pays for the last.
 """
 
 from __future__ import annotations
@@ -230,14 +230,18 @@ def _worker_main(fds: list[int], devnull: int, config: dict, modules: dict, name
                         "stdout": "", "ops": []}
         calls += 1
         response["worker_s"] = time.perf_counter() - started
-        # Checked before replying, so the snippet that broke the worker pays for it, not the next.
-        clean = _global_locks_free() and _module_fingerprint(modules) == fingerprint
-        if clean:
-            fresh_state()
-        response["retire"] = not clean or calls >= int(config["max_calls"])
+        response["retire"] = calls >= int(config["max_calls"])
         send_msg(sock, response)
         if response["retire"]:
             return
+        # Off the critical path, before the next request: a worker that a snippet left unclean
+        # (library bindings changed, a global lock kept) says so and exits; the host sees that
+        # before it sends the next call and gives that call a fresh worker. Were a check ever to
+        # hang, the next call would find its start unmarked and be retried on a fresh worker.
+        if not (_global_locks_free() and _module_fingerprint(modules) == fingerprint):
+            send_msg(sock, {"retired": True})
+            return
+        fresh_state()
 
 
 def _input_image(shared: mmap.mmap, meta: dict, decoded: dict) -> Image.Image:
