@@ -16,14 +16,13 @@ import time
 import gymnasium as gym
 import numpy as np
 import pytest
-from PIL import Image
 
 import cv_env  # noqa: F401
 from cv_env import Task
-from cv_env.sandbox import Sandbox
 from cv_env.sandbox.wire import WireError, parse_json
+from redteam import INPUT_BYTES, image, layered_sandbox  # noqa: F401  (fixtures)
 
-OFFSET = 8 * 1024 * 1024  # the fixture's max_input_bytes: where a worker's output pixels go
+OFFSET = INPUT_BYTES  # where a worker's output pixels go
 FORGE = f"""
 import json, os, struct, time
 def send(data):
@@ -47,17 +46,9 @@ def crop_frame(box, source_size):
 """
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["both-layers", "os-layer-only"])
-def sandbox(request):
-    with Sandbox(workers=2, timeout_s=2.0, memory_mb=256, max_input_bytes=OFFSET,
-                 restricted=request.param) as sb:
-        yield sb
-
-
 @pytest.fixture(scope="module")
-def image():
-    rng = np.random.RandomState(0)
-    return Image.fromarray(rng.randint(0, 255, (48, 64, 3), dtype=np.uint8))
+def sandbox(layered_sandbox):
+    return layered_sandbox
 
 
 def assert_pool_healthy(sandbox, image):

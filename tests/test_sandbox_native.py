@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cv_env.sandbox import Sandbox
+from redteam import image, layered_sandbox  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the sandbox needs Linux")
 
@@ -36,17 +36,9 @@ def path(s):
 """
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["both-layers", "os-layer-only"])
-def sandbox(request):
-    with Sandbox(workers=2, timeout_s=2.0, memory_mb=256, max_input_bytes=8 * 1024 * 1024,
-                 restricted=request.param) as sb:
-        yield sb
-
-
 @pytest.fixture(scope="module")
-def image():
-    rng = np.random.RandomState(0)
-    return Image.fromarray(rng.randint(0, 255, (48, 64, 3), dtype=np.uint8))
+def sandbox(layered_sandbox):
+    return layered_sandbox
 
 
 def assert_pool_healthy(sandbox, image):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cv_env.sandbox import Sandbox
+from redteam import image  # noqa: F401  (fixture)
 
 CANARY = "/tmp/cv_sandbox_redteam_canary"
 
@@ -21,12 +22,6 @@ CANARY = "/tmp/cv_sandbox_redteam_canary"
 def sandbox():
     with Sandbox(workers=2, timeout_s=2.0, memory_mb=256) as sb:
         yield sb
-
-
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.RandomState(0)
-    return Image.fromarray(rng.randint(0, 255, (48, 64, 3), dtype=np.uint8))
 
 
 def assert_pool_healthy(sandbox, image):
