@@ -8,9 +8,7 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cv_env.sandbox import Sandbox
 from redteam import image  # noqa: F401  (fixture)
