@@ -119,7 +119,7 @@ class RolloutEngine:
         self.tokenizer = self.renderer.tokenizer
         self.end_of_turn_id = self.renderer.closing_ids[0]
         judge_calls = judge.config.max_concurrency if judge is not None else 0
-        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * max(1, len(sandbox.worker_pids)) + judge_calls)
+        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * sandbox.workers + judge_calls)
         self._envs: list = []
         self.last_timings: dict[str, float] = {}
 

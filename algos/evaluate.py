@@ -104,7 +104,7 @@ def run_scripted(name: str, tasks: Sequence[Task], cfg: EvalConfig, sandbox: San
     jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
     env_kwargs = cfg.env_kwargs()
     env_kwargs["judge"] = judge = make_judge(env_kwargs["judge"])  # one judge for every env
-    workers = max(1, min(len(jobs), 2 * len(sandbox.worker_pids) + (judge.config.max_concurrency if judge else 0)))
+    workers = max(1, min(len(jobs), 2 * sandbox.workers + (judge.config.max_concurrency if judge else 0)))
     envs: queue.Queue = queue.Queue()
     for _ in range(workers):
         envs.put(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, disable_env_checker=True, **env_kwargs))

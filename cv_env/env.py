@@ -93,9 +93,8 @@ def _shown_copy(image: Image.Image, max_pixels: int) -> Image.Image:
     return rgb.resize(size, Image.Resampling.BICUBIC)
 
 
-def _printed(stdout: Any) -> str:
+def _printed(text: str) -> str:
     """The printed output shown to the model: at most MAX_STDOUT_CHARS, a cut marked as such."""
-    text = stdout if isinstance(stdout, str) else ""
     if len(text) > MAX_STDOUT_CHARS:
         cut = len(text) - MAX_STDOUT_CHARS
         text = text[:MAX_STDOUT_CHARS] + f"\n…[printed output cut here: {cut:,} more characters not shown]"
@@ -355,8 +354,9 @@ class CodeVisionEnv(gym.Env):
     def _run_tool(self, turn: Turn, info: dict) -> tuple[dict, bool]:
         """Run one tool call; return the tool observation and whether the execution succeeded.
 
-        What the sandbox reports is checked before it is used: only a PIL image is an output
-        image, only well-formed ops count, and printed output is cut (marked) and sanitised.
+        The sandbox's result is already checked (its host parses the worker's reply with bounds
+        and verifies every rotation, flip and crop against the pixels); printed output is cut
+        here (marked) and sanitised.
         """
         episode = self._episode
         episode.n_calls += 1
@@ -372,10 +372,9 @@ class CodeVisionEnv(gym.Env):
                          f"0..{n_images - 1}.")
         else:
             result = self.sandbox.run(turn.code, [item.image for item in episode.images], image_index=turn.image_index)
-            ok = result.ok is True
-            elapsed = result.elapsed_s
-            info["tool_elapsed_s"] = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
-            if ok and isinstance(result.image, Image.Image) and min(result.image.size) >= 1:
+            ok = result.ok
+            info["tool_elapsed_s"] = result.elapsed_s
+            if ok and result.image is not None:
                 new_image, shown = result.image, _shown_copy(result.image, self.max_pixels)
                 info["ops"] = [op["name"] for op in self._record_success(result)]
                 (w, h), size = new_image.size, shown.size
@@ -406,31 +405,24 @@ class CodeVisionEnv(gym.Env):
         return {"role": "tool", "text": message, "images": shown_images}, ok
 
     def _record_success(self, result) -> list[dict]:
-        """Add the output image with its frame, and collect ops and crop boxes: in image 0's frame
-        (where a frame chain reaches it) and as cut, in the pixels of the call's source image;
-        return the ops that counted (well-formed ones only: the sandbox's report is checked)."""
+        """Add the output image with its frame, and collect its ops and crop boxes: in image 0's
+        frame (where a frame chain reaches it) and as cut, in the pixels of the call's source
+        image. Returns the ops (the sandbox verified them and recomputed the boxes)."""
         episode = self._episode
-        image = result.image
-        source = result.source_index
-        parent = None
-        if isinstance(source, int) and not isinstance(source, bool) and 0 <= source < len(episode.images):
-            parent = episode.images[source]
+        parent = episode.images[result.source_index] if result.source_index is not None else None
         root, frame = None, None
-        if (parent is not None and parent.frame is not None and isinstance(result.frame, Frame)
-                and tuple(result.frame.size) == image.size and tuple(result.frame.source_size) == parent.image.size):
+        if parent is not None and parent.frame is not None and result.frame is not None:
             root, frame = parent.root, parent.frame.then(result.frame)
-        episode.images.append(_EpisodeImage(image, root, frame))
-        ops = [op for op in (result.ops if isinstance(result.ops, list) else [])
-               if isinstance(op, dict) and isinstance(op.get("name"), str)]
-        for op in ops:
+        episode.images.append(_EpisodeImage(result.image, root, frame))
+        for op in result.ops:
             episode.used_ops.add(op["name"])
-            box = _finite_box(op.get("source_box"))
-            if op["name"] != "crop" or box is None or parent is None:
+            if op["name"] != "crop" or parent is None:
                 continue
+            box = [float(v) for v in op["source_box"]]
             episode.source_crop_boxes.append(box)  # host-verified, in images[source]
             if parent.root == 0 and parent.frame is not None:  # bbox is given on image 0
                 episode.crop_boxes.append(parent.frame.box_to_source(box))
-        return ops
+        return result.ops
 
     def _finish(self, answer: str | None, info: dict, *, terminated: bool, obs: dict | None):
         episode = self._episode
@@ -480,15 +472,6 @@ def _reward_config(reward: RewardConfig | str | dict | None) -> RewardConfig:
 def _looks_like_tool_call(text: str) -> bool:
     """A turn that tried to call the tool (so a parse error is an observation, not the end)."""
     return "<tool_call>" in text or "```" in text
-
-
-def _finite_box(box: Any) -> list[float] | None:
-    """`box` as [x1, y1, x2, y2] of finite numbers, or None when it is anything else."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        return None
-    return [float(v) for v in box]
 
 
 def _assistant_message(action: str | dict, turn: Turn, text: str) -> dict[str, Any]:

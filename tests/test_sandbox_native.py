@@ -301,6 +301,6 @@ def test_nothing_is_left_behind(sandbox, image):
     from cv_env.sandbox.pool import _descendants
 
     deadline = time.monotonic() + 3.0  # replaced workers are reaped within the zygote's 1 s poll
-    while len(tree := _descendants(sandbox.zygote_pid)) != 2 * len(sandbox._slots) and time.monotonic() < deadline:
+    while len(tree := _descendants(sandbox.zygote_pid)) != 2 * sandbox.workers and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(tree) == 2 * len(sandbox._slots), tree
+    assert len(tree) == 2 * sandbox.workers, tree

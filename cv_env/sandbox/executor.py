@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import traceback
 from typing import Any
 
@@ -68,8 +69,6 @@ _SHORT_NAMES = {"Image": "PIL.Image", "ImageOps": "PIL.ImageOps", "ImageEnhance"
 
 def _plain_builtins(printer: PrintCollector) -> dict:
     """Every builtin, with `print` collected (for `restricted=False`, the OS-layer test mode)."""
-    import builtins
-
     def collected_print(*objects, sep=" ", end="\n", file=None, flush=False):
         if file is not None:
             return builtins.print(*objects, sep=sep, end=end, file=file, flush=flush)

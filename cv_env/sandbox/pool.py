@@ -428,6 +428,11 @@ class Sandbox:
                 "host_verifies_claims": True, **self._zygote_layers, **self._worker_layers}
 
     @property
+    def workers(self) -> int:
+        """How many worker processes serve calls (how many `run` calls proceed at once)."""
+        return len(self._slots)
+
+    @property
     def zygote_pid(self) -> int:
         """Process id (on the host) of the zygote that forks the workers."""
         zygote = self._procs["zygote"]
