@@ -6,8 +6,9 @@ are the schema (struct mode: a misspelt key or a wrong type is an error that nam
 same groups as the trainers' (`conf/model/`, `conf/reward/`, `conf/logger/`).
 
 `model` also takes a spec directly: `model=tiny:qwen2_5_vl`, `model=/path/to/checkpoint`,
-`model=oracle` or `model=random` (scripted agents, no torch needed) name no file of
-`conf/model/`, so `normalize_overrides` turns them into `model.path=<spec>`.
+`model=oracle` or `model=random` (scripted agents, no torch needed) or `model=openai:<name>` (a
+model an OpenAI-compatible `endpoint` serves; no torch needed) name no file of `conf/model/`, so
+`normalize_overrides` turns them into `model.path=<spec>`.
 
 The sandbox and logger nodes are the trainers' own (`algos.config`, which imports no torch), so
 evaluating scripted agents needs only the environment's dependencies plus Hydra.
@@ -15,11 +16,13 @@ evaluating scripted agents needs only the environment's dependencies plus Hydra.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
+from agents.openai_backend import MODEL_PREFIX, TOOL_MODES, OpenAIConfig
 from agents.templates import TOOL_RESPONSE_FORMATS
 from algos.config import (ConfigError, LoggerConfig, SandboxConfig, check_env_options, conf_dir, default_judge,
                           default_reward, default_task_options, load_config)
@@ -30,11 +33,20 @@ __all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overri
 
 SCRIPTED_AGENTS = ("oracle", "random")
 SCHEMA_NAME = "evaluate_schema"
+# How requests to a served model go (agents.openai_backend.OpenAIConfig); the rest of its
+# settings come from the keys every model shares (temperature, max_new_tokens, ...).
+SERVED_TRANSPORT = ("timeout_s", "retries", "backoff_s", "max_concurrency")
+
+
+def default_served() -> dict[str, Any]:
+    """The served model's transport settings, at `OpenAIConfig`'s defaults."""
+    return {f.name: f.default for f in dataclasses.fields(OpenAIConfig) if f.name in SERVED_TRANSPORT}
 
 
 @dataclass
 class EvalModelConfig:
-    """What is evaluated: `path` is a scripted agent (oracle | random) or an `agents.loading` spec.
+    """What is evaluated: `path` is a scripted agent (oracle | random), `openai:<name>` (a served
+    model, at the config's `endpoint`) or an `agents.loading` spec.
 
     The other keys mirror the trainers' `model/` group so its presets compose here. `lora` (with
     `enabled: true`) rebuilds the adapters a checkpoint was trained with; gradient_checkpointing and
@@ -49,10 +61,16 @@ class EvalModelConfig:
     lora: dict[str, Any] = field(default_factory=dict)
     chat_template: Optional[str] = None  # None: the checkpoint's own; a built-in name or a .jinja path
     tool_response_format: str = "codevision"  # tool replies: codevision (CodeVision SFT layout) | default
+    tool_mode: str = "native"  # served models: native (schema as `tools`, `tool_calls` replies) | prompt (as text)
 
     @property
     def scripted(self) -> bool:
         return self.path in SCRIPTED_AGENTS
+
+    @property
+    def served(self) -> bool:
+        """A model behind an OpenAI-compatible endpoint (`openai:<name>`)."""
+        return self.path.startswith(MODEL_PREFIX)
 
 
 @dataclass
@@ -88,6 +106,10 @@ class EvalConfig:
     tasks_options: dict[str, Any] = field(default_factory=default_task_options)
     # The LLM judge of answers the rules reject, as the trainers' env.judge (url null = none).
     judge: dict[str, Any] = field(default_factory=default_judge)
+    # A served model (model=openai:<name>): the endpoint's base URL, its API key's variable, transport.
+    endpoint: Optional[str] = None
+    api_key_env: Optional[str] = None
+    served: dict[str, Any] = field(default_factory=default_served)
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, message: str) -> None:
@@ -98,6 +120,14 @@ class EvalConfig:
                 "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
         require(self.model.tool_response_format in TOOL_RESPONSE_FORMATS, "model.tool_response_format",
                 f"{self.model.tool_response_format!r} is not one of {', '.join(TOOL_RESPONSE_FORMATS)}")
+        require(self.model.tool_mode in TOOL_MODES, "model.tool_mode",
+                f"{self.model.tool_mode!r} is not one of {', '.join(TOOL_MODES)}")
+        require(self.checkpoint is None or not self.model.served, "checkpoint",
+                f"a served model ({self.model.path}) has its weights on the server: drop checkpoint")
+        require(self.endpoint is None or self.model.served, "endpoint",
+                f"is set but model={self.model.path} is not served: give model=openai:<name the endpoint serves>")
+        require(self.endpoint is not None or not self.model.served, "endpoint",
+                f"model={self.model.path} is served: give its base URL, e.g. endpoint=http://127.0.0.1:8000/v1")
         require(self.checkpoint is None or not self.model.scripted, "checkpoint",
                 f"a scripted agent ({self.model.path}) has no weights to load: drop checkpoint or set model")
         require(self.checkpoint not in ("auto", "never", ""), "checkpoint",
@@ -128,6 +158,20 @@ class EvalConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"config reward: {err}") from err
         check_env_options(self.tasks_options, self.judge, "")
+        unknown = sorted(set(self.served) - set(SERVED_TRANSPORT))
+        require(not unknown, "served", f"unknown key(s) {unknown}; it takes {', '.join(SERVED_TRANSPORT)}")
+        if self.model.served:
+            try:
+                self.openai_config()
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"config served model: {err}") from err
+
+    def openai_config(self) -> OpenAIConfig:
+        """The served model's settings (model=openai:<name>): endpoint, sampling, transport."""
+        return OpenAIConfig(url=str(self.endpoint), model=self.model.path[len(MODEL_PREFIX):],
+                            api_key_env=self.api_key_env, tool_mode=self.model.tool_mode,
+                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                            max_tokens=self.max_new_tokens, **dict(self.served))
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig.from_dict(dict(self.reward))

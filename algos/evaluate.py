@@ -3,11 +3,13 @@
     python -m algos.evaluate model=tiny:qwen2_5_vl tasks=synthetic split=test n=8
     python -m algos.evaluate model=qwen3vl checkpoint=outputs/grpo samples=4 temperature=1.0
     python -m algos.evaluate model=oracle n=200            # a scripted agent alone: no torch, no model
+    python -m algos.evaluate model=openai:my-vlm endpoint=http://127.0.0.1:8000/v1 api_key_env=OPENAI_API_KEY
 
 Plays every task (and, with `robustness=true`, each task under the five orientation transforms
 of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary `transform`,
 such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
-through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
+through the rollout engine (greedy, or `samples` sampled runs), a served model (`openai:<name>`)
+through its OpenAI-compatible endpoint (`agents.served`), the scripted agents (`oracle`,
 `random`) directly.
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
@@ -52,7 +54,7 @@ from cv_env.tasks import RobustnessWrapper, load_tasks
 from cv_env.tasks.parquet import ParquetTasks
 
 __all__ = ["evaluate", "evaluation_tasks", "orientation_variant", "load_policy", "run_scripted", "run_model",
-           "agent_label", "main"]
+           "run_served_model", "agent_label", "main"]
 
 
 def evaluation_tasks(cfg: EvalConfig) -> list[Task]:
@@ -155,6 +157,18 @@ def run_model(policy, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, 
     return out
 
 
+def run_served_model(cfg: EvalConfig, tasks: Sequence[Task], sandbox: Sandbox, name: str) -> list:
+    """Play every task with the served model of `cfg` (`model=openai:<name>`, `endpoint`), `cfg.samples`
+    episodes each, `served.max_concurrency` at a time; returns `agents.served.ServedEpisode`s."""
+    from agents.openai_backend import OpenAIBackend
+    from agents.served import run_served
+
+    backend = OpenAIBackend(cfg.openai_config())
+    with _progress(len(tasks) * cfg.samples, name) as bar:
+        return run_served(backend, tasks, cfg.env_kwargs(), sandbox, samples=cfg.samples, seed=cfg.seed, name=name,
+                          on_episode=lambda episode: bar.update(1))
+
+
 def load_policy(cfg: EvalConfig):
     """The policy of `cfg.model`, with the weights of `cfg.checkpoint` when set, in eval mode.
 
@@ -223,14 +237,23 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = evaluation_tasks(cfg)
     main_label = cfg.model.path if cfg.model.scripted else agent_label(cfg.model.path)
+    if cfg.model.served:  # openai:<name>, a folder's name shortened as for local models
+        main_label = "openai:" + agent_label(cfg.model.path.split(":", 1)[1])
     if cfg.checkpoint:
         main_label += f"@{Path(cfg.checkpoint).name}"
     results: dict[str, list[Transcript]] = {}
-    if not cfg.model.scripted and policy is None:
+    served: dict[str, Any] = {}
+    if not (cfg.model.scripted or cfg.model.served) and policy is None:
         policy = load_policy(cfg)  # before the sandbox starts: a model that cannot load fails at once
     with Sandbox(**cfg.sandbox.to_kwargs()) as sandbox:
         if cfg.model.scripted:
             results[main_label] = run_scripted(cfg.model.path, tasks, cfg, sandbox, samples=cfg.samples)
+        elif cfg.model.served:
+            from agents.served import usage_metrics
+
+            episodes = run_served_model(cfg, tasks, sandbox, main_label)
+            results[main_label] = [e.transcript for e in episodes]
+            served = {"endpoint": cfg.endpoint, "tool_mode": cfg.model.tool_mode, **usage_metrics(episodes)}
         else:
             results[main_label] = run_model(policy, tasks, cfg, sandbox, name=main_label)
         if cfg.oracle and main_label != "oracle":
@@ -247,6 +270,7 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
             shutil.rmtree(path.parent / f"{path.stem}_images", ignore_errors=True)
             write_transcripts(transcripts, path)
     metrics = report_metrics(summaries[main_label], "val")
+    metrics.update({f"val/{k}": v for k, v in served.items() if k.startswith("served/")})
     for name, summary in summaries.items():
         if name != main_label:
             metrics.update(report_metrics(summary, f"val/{_safe(name)}"))
@@ -257,8 +281,10 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     report = {"title": f"Evaluation of {main_label} on {cfg.tasks} ({cfg.split})", "settings": settings,
               "agents": summaries, "cases": cases, "metrics": metrics,
               "seconds": round(time.perf_counter() - start, 2)}
+    if served:
+        report["served"] = served
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
 
     run_config = dataclasses.asdict(cfg)
     logger = dataclasses.replace(cfg.logger, progress_bar=False)  # evaluation has its own bars
@@ -272,6 +298,23 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     return report
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """`algos.metrics.report_markdown`, and for a served model its endpoint's figures."""
+    text = report_markdown(report)
+    served = report.get("served")
+    if not served:
+        return text
+    rows = [("endpoint", served["endpoint"]), ("tool mode", served["tool_mode"]),
+            ("requests", f"{served['served/requests']:.0f}"), ("retries", f"{served['served/retries']:.0f}"),
+            ("episodes left unanswered", f"{served['served/episode_errors']:.0f}"),
+            ("prompt tokens / episode", f"{served['served/prompt_tokens_per_episode']:.0f}"),
+            ("completion tokens / episode", f"{served['served/completion_tokens_per_episode']:.0f}"),
+            ("latency / request (s)", f"{served['served/latency_s']:.3f} (max {served['served/latency_max_s']:.3f})")]
+    lines = ["## Served endpoint (no token-exactness claimed: the server applies its own template)", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    return text.rstrip("\n") + "\n\n" + "\n".join(lines)
+
+
 @hydra_main("evaluate", normalize=normalize_overrides)  # model=<spec> -> model.path=<spec>
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Entry point: `python -m algos.evaluate [key=value ...]` (Hydra overrides; see conf/evaluate.yaml).
@@ -279,7 +322,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     The report's tables go to stdout; where the files are, to the console and `<output_dir>/evaluate.log`.
     """
     report = evaluate(cfg)
-    print(report_markdown(report), flush=True)
+    print(markdown(report), flush=True)
     say(f"report: {Path(cfg.output_dir) / 'report.md'} ({report['seconds']:.1f} s; run folder {cfg.output_dir})")
     return report
 

@@ -272,3 +272,61 @@ def test_malformed_arguments_say_so(arguments):
     message = {"tool_calls": [{"id": "c", "function": {"name": TOOL_NAME, "arguments": arguments}}]}
     turn = parse_action(reply_action(message))
     assert turn.kind == "invalid" and "arguments" in turn.error
+
+
+# -- python -m algos.evaluate model=openai:<name> endpoint=... ------------------------------------
+
+
+def test_evaluate_a_served_model_gives_the_same_report_without_torch(server, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from agents.transcript import read_transcripts
+    from algos.tracking import read_metrics
+
+    out, root = tmp_path / "eval", Path(__file__).resolve().parents[1]
+    args = ["model=openai:stub-vlm", f"endpoint={server.url('native')}", "n=2", "max_turns=3", "max_pixels=65536",
+            f"output_dir={out}", "logger=local", "sandbox.workers=2", "cases=1", "served.max_concurrency=4"]
+    code = "import sys; from algos.evaluate import main; main(); assert 'torch' not in sys.modules, 'imported torch'"
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    served, oracle = report["agents"]["openai:stub-vlm"], report["agents"]["oracle"]
+    assert served["episodes"] == oracle["episodes"] == 2 * 6 and oracle["accuracy"] == 1.0
+    assert list(served["robustness"]) == list(oracle["robustness"]) and len(served["robustness"]) == 7
+    assert served["tool_calls"] == 1.0 and served["exec_success"] == 1.0  # the stub rotates once, then answers
+    assert report["served"]["served/requests"] == 2 * 12 and report["served"]["served/episode_errors"] == 0
+    assert "| agent | original | rotate_90 | rotate_180 | rotate_270 | flip_horizontal | flip_vertical | average |" \
+        in done.stdout and "| openai:stub-vlm |" in done.stdout and "| oracle |" in done.stdout
+    assert "## Served endpoint" in done.stdout and "| requests | 24 |" in done.stdout
+    assert read_metrics(out / "metrics.jsonl")[0]["val/served/prompt_tokens_per_episode"] == 200
+    assert len(read_transcripts(out / "transcripts" / "openai_stub-vlm.jsonl")) == 12
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=openai:m"], r"endpoint: model=openai:m is served: give its base URL"),
+    (["endpoint=http://h/v1"], "endpoint: is set but model=tiny:qwen2_5_vl is not served"),
+    (["model=openai:m", "endpoint=h:8000"], "must start with http"),
+    (["model=openai:m", "endpoint=http://h/v1", "model.tool_mode=xml"], "model.tool_mode: 'xml' is not one of"),
+    (["model=openai:m", "endpoint=http://h/v1", "+served.timeout=3"], r"served: unknown key\(s\) \['timeout'\]"),
+    (["model=openai:m", "endpoint=http://h/v1", "checkpoint=outputs/x"], "weights on the server"),
+])
+def test_evaluate_config_errors_name_the_key(overrides, message):
+    from algos.eval_config import load_eval_config
+
+    with pytest.raises(ValueError, match=message):
+        load_eval_config(overrides)
+
+
+def test_evaluate_config_builds_the_backend_settings():
+    from algos.eval_config import load_eval_config
+
+    cfg = load_eval_config(["model=openai:Qwen/Qwen2.5-VL-7B-Instruct", "endpoint=http://h:8000/v1",
+                            "api_key_env=OPENAI_API_KEY", "temperature=0.7", "max_new_tokens=300",
+                            "model.tool_mode=prompt", "served.retries=5"])
+    assert cfg.openai_config() == OpenAIConfig(
+        url="http://h:8000/v1", model="Qwen/Qwen2.5-VL-7B-Instruct", api_key_env="OPENAI_API_KEY", tool_mode="prompt",
+        temperature=0.7, max_tokens=300, retries=5)
