@@ -330,3 +330,48 @@ def test_evaluate_config_builds_the_backend_settings():
     assert cfg.openai_config() == OpenAIConfig(
         url="http://h:8000/v1", model="Qwen/Qwen2.5-VL-7B-Instruct", api_key_env="OPENAI_API_KEY", tool_mode="prompt",
         temperature=0.7, max_tokens=300, retries=5)
+
+
+# -- python -m agents.collect --endpoint ... --model ...: a served teacher's demonstrations for SFT --
+
+
+def _pixels_key(image):
+    return hash(np.asarray(image.convert("RGB")).tobytes())
+
+
+def test_a_served_teacher_writes_demonstrations_sft_trains_on(tmp_path):
+    import base64
+    import io
+
+    from agents.collect import main as collect_main
+    from cv_env.tasks import load_tasks
+
+    tasks = load_tasks("synthetic", split="train", seed=0)
+    index_of = {_pixels_key(tasks[i].images[0]): i for i in range(6)}
+
+    def teacher(mode, body, nth):  # knows every answer; answers the odd tasks wrong; calls the tool once first
+        url = body["messages"][1]["content"][0]["image_url"]["url"]
+        index = index_of[_pixels_key(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))]
+        if _turn(body) == 0:
+            return _native_call(json.dumps({"code": "result = image", "image_index": 0}))
+        answer = tasks[index].answer if index % 2 == 0 else "no idea"
+        return {"role": "assistant", "content": f"<think>Now I see it.</think>\n<answer>{answer}</answer>"}
+
+    out = tmp_path / "teacher.jsonl"
+    with StubChatServer(teacher) as stub:
+        assert collect_main(["--endpoint", stub.url("teacher"), "--model", "big-vlm", "--num-tasks", "6",
+                             "--out", str(out), "--workers", "1"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task_id"] for r in records] == [tasks[i].id for i in (0, 2, 4)]  # the wrong ones were filtered out
+    assert all(r["success"] and r["teacher"] == "openai:big-vlm" for r in records)
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant", "tool", "assistant"]
+
+    from agents.conversation import ChatRenderer
+    from agents.loading import load_processor
+    from algos.sft_data import read_records, record_to_example
+
+    processor = load_processor("tiny:qwen2_5_vl")
+    example = record_to_example(ChatRenderer(processor), read_records([out])[0])
+    assert len(example.images) == 2 and example.num_turns == 2  # the input and the tool's output; two turns
+    taught = processor.tokenizer.decode([t for t, m in zip(example.token_ids, example.loss_mask) if m])
+    assert f"<answer>{tasks[0].answer}</answer>" in taught and "result = image" in taught
