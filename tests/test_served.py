@@ -375,3 +375,22 @@ def test_a_served_teacher_writes_demonstrations_sft_trains_on(tmp_path):
     assert len(example.images) == 2 and example.num_turns == 2  # the input and the tool's output; two turns
     taught = processor.tokenizer.decode([t for t, m in zip(example.token_ids, example.loss_mask) if m])
     assert f"<answer>{tasks[0].answer}</answer>" in taught and "result = image" in taught
+
+
+# -- the adapter for other harnesses (VLMEvalKit / lmms-eval model wrappers) ----------------------
+
+
+def test_the_harness_adapter_answers_one_item_with_the_tool_loop(server, sandbox, tmp_path):
+    from agents.harness import CodeVisionSolver
+
+    path = tmp_path / "item.png"
+    _task().images[0].save(path)
+    with CodeVisionSolver(_backend(server, "native"), max_turns=4, sandbox=sandbox) as solver:
+        result = solver.solve([str(path)], "Which digit is shown?", item_id="vqa-1")
+        assert result.answer == "7" and result.error == ""
+        assert result.transcript.turns[0].ops == ["rotate_90"] and result.transcript.task_id == "vqa-1"
+        assert [m["role"] for m in result.messages] == ["system", "user", "assistant", "tool", "assistant"]
+        unanswered = CodeVisionSolver(_backend(server, "down", retries=0), sandbox=sandbox).solve(
+            [_task().images[0]], "Which digit?")
+        assert unanswered.answer is None and "HTTP 503" in unanswered.error
+    assert sandbox.run("result = image", [_task().images[0]]).ok  # a shared sandbox stays open
