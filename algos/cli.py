@@ -132,8 +132,10 @@ def _checkpoint_path_problem(value: str) -> str | None:
 
 def _model_path_problem(spec: str) -> str | None:
     from agents.loading import TINY_PREFIX, looks_local
+    from agents.openai_backend import MODEL_PREFIX
 
-    if spec.startswith(TINY_PREFIX) or spec in ("oracle", "random") or not looks_local(spec):
+    # openai:<name> is whatever name the endpoint serves (a path on the server's machine, maybe).
+    if spec.startswith((TINY_PREFIX, MODEL_PREFIX)) or spec in ("oracle", "random") or not looks_local(spec):
         return None
     return None if Path(spec).expanduser().exists() else "no such folder (a local model path)"
 
