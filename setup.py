@@ -45,6 +45,9 @@ TRL = ["trl==1.16.0"]  # GRPOTrainer's environment_factory with multimodal tool 
 # with our transformers pin; install it on its own stack (its BaseTool and reward API are what we use).
 VERL = ["verl==0.9.1"]
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]  # hypothesis: property tests
+# `transformers serve` (FastAPI, uvicorn, openai types): an OpenAI-compatible server for a local
+# checkpoint (`python -m agents.serve_local`); the tests serve the tiny model with it.
+SERVE = ["transformers[serving]>=4.57,<6"]
 
 CONF_PACKAGES = ["algos.conf"] + [
     "algos.conf." + ".".join(p.relative_to(HERE / "conf").parts)
@@ -72,7 +75,8 @@ setup(
         "vllm": TRAIN + VLLM,
         "trl": TRAIN + TRL,
         "verl": TRAIN + VERL,
-        "test": TRAIN + TEST,
-        "all": TRAIN + VLLM + TEST,
+        "serve": TRAIN + SERVE,
+        "test": TRAIN + TEST + SERVE,
+        "all": TRAIN + VLLM + TEST + SERVE,
     },
 )

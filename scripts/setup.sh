@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with the CPU build of PyTorch and the project.
-#   bash scripts/setup.sh [extras]      (default extras: train,test,trl — the TRL integration test runs in CI)
+#   bash scripts/setup.sh [extras]      (default extras: train,test,trl — the TRL integration test runs in CI;
+#                                        test includes transformers serve, the real server of tests/test_served_real.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-train,test,trl}"
