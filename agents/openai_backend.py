@@ -40,7 +40,8 @@ from agents.templates import tool_call_text, tools_block
 from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA
 
-__all__ = ["OpenAIConfig", "OpenAIBackend", "ServedTurn", "EndpointConfigError", "EndpointError", "TOOL_MODES",
+__all__ = ["OpenAIConfig", "OpenAIBackend", "ServedTurn", "EndpointConfigError", "EndpointDown", "EndpointError",
+           "TOOL_MODES",
            "image_data_url", "user_message", "tool_reply_messages", "reply_action"]
 
 TOOL_MODES = ("native", "prompt")
@@ -93,6 +94,10 @@ class EndpointConfigError(ValueError):
     """The endpoint refused the run's settings (HTTP 401, 403, 404): no episode can succeed."""
 
 
+class EndpointDown(RuntimeError):
+    """No episode of a run got an answer: the endpoint is down, or refuses every request."""
+
+
 @dataclass(frozen=True)
 class ServedTurn:
     """One reply of the served model.
@@ -119,7 +124,11 @@ class OpenAIBackend:
     def __init__(self, config: OpenAIConfig | Mapping[str, Any]):
         self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.from_dict(config)
         c = self.config
-        self.client = ChatClient(c.url, api_key_from_env(c.api_key_env, "api_key_env"), timeout_s=c.timeout_s,
+        try:
+            api_key = api_key_from_env(c.api_key_env, "api_key_env")
+        except ValueError as error:
+            raise EndpointConfigError(str(error)) from None
+        self.client = ChatClient(c.url, api_key, timeout_s=c.timeout_s,
                                  retries=c.retries, backoff_s=c.backoff_s, max_concurrency=c.max_concurrency)
 
     @property

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 import cv_env  # noqa: F401  (registers CodeVision-v0)
-from agents.openai_backend import EndpointError, OpenAIBackend, ServedTurn, tool_reply_messages, user_message
+from agents.openai_backend import (EndpointDown, EndpointError, OpenAIBackend, ServedTurn, tool_reply_messages,
+                                   user_message)
 from agents.transcript import Transcript, TurnRecord, _turn_fields
 from cv_env.judge import make_judge
 from cv_env.protocol import TOOL_SCHEMA, get_prompt
@@ -177,7 +178,7 @@ def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[s
     env_kwargs: the env's keyword arguments besides tasks and sandbox (max_turns, max_pixels,
     prompt, reward, judge, ...); one judge is shared by every env. Results come back task by task,
     sample by sample; `on_episode` (e.g. a progress bar) sees each as it finishes.
-    Raises `EndpointConfigError` at the first refusal of the settings, and a RuntimeError when
+    Raises `EndpointConfigError` at the first refusal of the settings, and `EndpointDown` when
     every episode ended unanswered (the endpoint is down or refuses every request).
     """
     if not tasks:
@@ -218,8 +219,9 @@ def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[s
             envs.get().close()
     failed = [e for e in episodes if e.error]
     if len(failed) == len(episodes):
-        raise RuntimeError(f"every episode ({len(episodes)}) ended without an answer from {backend.client.endpoint}, "
-                           f"so there is nothing to report; the first: {failed[0].error}")
+        raise EndpointDown(f"every episode ({len(episodes)}) ended without an answer from the endpoint, so there is "
+                           f"nothing to report; the first: {failed[0].error}. Check that the server is up and "
+                           "answers a chat completion for this model (or raise served.timeout_s for a slow one)")
     return episodes
 
 

@@ -175,8 +175,9 @@ def check_paths(cfg: Any) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types whose message alone tells the user what to change."""
     from agents.loading import ModelUnavailableError
+    from agents.openai_backend import EndpointConfigError, EndpointDown
 
-    return ConfigError, ModelUnavailableError
+    return ConfigError, ModelUnavailableError, EndpointConfigError, EndpointDown
 
 
 def _fail(error: BaseException) -> NoReturn:

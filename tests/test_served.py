@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from agents.openai_backend import (EndpointConfigError, OpenAIBackend, OpenAIConfig, reply_action,
+from agents.openai_backend import (EndpointConfigError, EndpointDown, OpenAIBackend, OpenAIConfig, reply_action,
                                    tool_reply_messages)
 from agents.served import ServedAgent, play_served, run_served, usage_metrics
 from cv_env import Task
@@ -204,7 +204,7 @@ def test_run_served_stops_at_a_refusal_and_raises_when_nothing_answers(server, s
     with pytest.raises(EndpointConfigError):
         run_served(_backend(server, "unauthorized", max_concurrency=2), tasks, {"max_turns": 2}, sandbox)
     assert len(server.requests) - before <= 3  # the jobs not started yet were skipped
-    with pytest.raises(RuntimeError, match=r"every episode \(2\) ended without an answer.*HTTP 503"):
+    with pytest.raises(EndpointDown, match=r"every episode \(2\) ended without an answer.*HTTP 503"):
         run_served(_backend(server, "down", retries=0), tasks[:2], {"max_turns": 2}, sandbox)
 
 
