@@ -13,9 +13,10 @@ and `info`), so it runs on any wrapped env. `run_served` plays many episodes con
 (`max_concurrency` of the backend), one env per thread over one shared sandbox.
 
 Nothing the server does stops a run: a request that fails after its retries (or a reply that is
-no chat completion) ends that episode, unanswered, with `error` set, and the others go on; only a
-refusal of the run's settings (`EndpointConfigError`: 401/403/404) or a run in which every
-episode failed raises.
+no chat completion) ends that episode, unanswered, with `error` set, and the others go on. An
+exception inside the env's step (a bug: a model's mistakes are observations) ends its episode
+likewise. Only a refusal of the run's settings (`EndpointConfigError`: 401/403/404) or a run in
+which every episode failed raises.
 """
 
 from __future__ import annotations
@@ -103,13 +104,15 @@ class ServedEpisode:
     transcript: the episode turn by turn (`agents.transcript.Transcript`), for reports.
     messages: the conversation as the env showed it (system, user with the input images, then
     assistant turns and tool replies with their images, PIL): a chat record for SFT.
-    usage: `ServedAgent.usage`. error: why the episode ended unanswered ("" when it did not).
+    usage: `ServedAgent.usage`. error: what ended the episode early ("" when nothing did): the
+    endpoint gave no usable reply (`unanswered`), or the env's step raised.
     """
 
     transcript: Transcript
     messages: list[dict[str, Any]]
     usage: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    unanswered: bool = False
 
 
 def _images(observation: dict[str, Any]) -> list[Image.Image]:
@@ -126,7 +129,8 @@ def play_served(env: gym.Env, agent: ServedAgent, task: Task, seed: int | None =
 
     Each step's reward, execution result and ops come from its `info`; the env's replies (text
     and images) from its observations. When the endpoint gives no usable reply the episode ends
-    where it is (`ServedEpisode.error`, truncation "error"): no turn is made up for the model.
+    where it is (`ServedEpisode.error`, truncation "error"): no turn is made up for the model. An
+    exception in the env's step ends the episode after that turn, the same way.
     """
     observation, _ = env.reset(seed=seed, options={"task": task})
     agent.reset(seed)
@@ -135,16 +139,21 @@ def play_served(env: gym.Env, agent: ServedAgent, task: Task, seed: int | None =
                 _message("user", question, inputs)]
     turns: list[TurnRecord] = []
     info: dict[str, Any] = {}
-    error, truncation, tool_calls = "", "", 0
+    error, truncation, tool_calls, unanswered = "", "", 0, False
     while True:
         try:
             action = agent.act(observation)
         except EndpointError as exc:
-            error, truncation = str(exc), "error"
+            error, truncation, unanswered = str(exc), "error", True
             break
-        observation, reward, terminated, truncated, info = env.step(action)
-        record = TurnRecord(reward=float(reward), **_turn_fields(action))
         messages.append({"role": "assistant", "content": action})
+        try:
+            observation, reward, terminated, truncated, info = env.step(action)
+        except Exception as exc:  # noqa: BLE001 - an env bug ends this episode, not the run
+            error, truncation = f"the env's step raised {type(exc).__name__}: {exc}"[:2000], "error"
+            turns.append(TurnRecord(reward=0.0, **_turn_fields(action)))
+            break
+        record = TurnRecord(reward=float(reward), **_turn_fields(action))
         if "tool_ok" in info:
             tool_calls += 1
             record.tool_ok = bool(info["tool_ok"])
@@ -167,7 +176,7 @@ def play_served(env: gym.Env, agent: ServedAgent, task: Task, seed: int | None =
         variant=str(robustness.get("variant", "")), base_id=str(robustness.get("base_id", task.id)),
         judge=dict(info.get("judge", {})),
     )
-    return ServedEpisode(transcript, messages, agent.usage, error)
+    return ServedEpisode(transcript, messages, agent.usage, error, unanswered)
 
 
 def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[str, Any], sandbox: Sandbox,
@@ -218,6 +227,9 @@ def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[s
         while not envs.empty():
             envs.get().close()
     failed = [e for e in episodes if e.error]
+    if len(failed) == len(episodes) and not all(e.unanswered for e in failed):
+        raise RuntimeError(f"every episode ({len(episodes)}) ended by an error, so there is nothing to report; "
+                           f"the first: {failed[0].error}")
     if len(failed) == len(episodes):
         raise EndpointDown(f"every episode ({len(episodes)}) ended without an answer from the endpoint, so there is "
                            f"nothing to report; the first: {failed[0].error}. Check that the server is up and "
@@ -226,17 +238,19 @@ def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[s
 
 
 def usage_metrics(episodes: Sequence[ServedEpisode]) -> dict[str, float]:
-    """served/* figures of a run: requests and retries, episodes the endpoint left unanswered,
+    """served/* figures of a run: requests and retries, episodes an error ended (of which the endpoint
+    left unanswered),
     prompt and completion tokens per episode, and request latency (mean and max, seconds)."""
     n = max(1, len(episodes))
     requests = sum(e.usage.get("requests", 0.0) for e in episodes)
     attempts = sum(e.usage.get("attempts", 0.0) for e in episodes)
-    answered = requests - sum(bool(e.error) for e in episodes)  # an episode's error is its one failed request
+    answered = requests - sum(e.unanswered for e in episodes)  # an unanswered episode's last request failed
     latency = sum(e.usage.get("latency_s", 0.0) for e in episodes)
     return {
         "served/requests": requests,
         "served/retries": attempts - requests,
         "served/episode_errors": float(sum(bool(e.error) for e in episodes)),
+        "served/unanswered": float(sum(e.unanswered for e in episodes)),
         "served/prompt_tokens_per_episode": sum(e.usage.get("prompt_tokens", 0.0) for e in episodes) / n,
         "served/completion_tokens_per_episode": sum(e.usage.get("completion_tokens", 0.0) for e in episodes) / n,
         "served/latency_s": latency / answered if answered else 0.0,

@@ -306,7 +306,8 @@ def markdown(report: dict[str, Any]) -> str:
         return text
     rows = [("endpoint", served["endpoint"]), ("tool mode", served["tool_mode"]),
             ("requests", f"{served['served/requests']:.0f}"), ("retries", f"{served['served/retries']:.0f}"),
-            ("episodes left unanswered", f"{served['served/episode_errors']:.0f}"),
+            ("episodes left unanswered by the endpoint", f"{served['served/unanswered']:.0f}"),
+            ("episodes ended by an error (unanswered included)", f"{served['served/episode_errors']:.0f}"),
             ("prompt tokens / episode", f"{served['served/prompt_tokens_per_episode']:.0f}"),
             ("completion tokens / episode", f"{served['served/completion_tokens_per_episode']:.0f}"),
             ("latency / request (s)", f"{served['served/latency_s']:.3f} (max {served['served/latency_max_s']:.3f})")]

@@ -163,8 +163,22 @@ def test_a_hanging_server_times_out_and_ends_the_episode_not_the_run(server, san
     assert time.monotonic() - start < 5
     t = episode.transcript
     assert "after 2 attempts" in episode.error and "no complete reply within 0.3 s" in episode.error
-    assert (t.success, t.truncated, t.truncation, t.num_turns) == (False, True, "error", 0)
+    assert (t.success, t.truncated, t.truncation, t.num_turns, episode.unanswered) == (False, True, "error", 0, True)
     assert (episode.usage["requests"], episode.usage["attempts"]) == (1, 2)
+
+
+def test_an_env_bug_ends_its_episode_not_the_run(server, sandbox, env_bug):
+    def buggy(mode, body, nth):
+        return {"role": "assistant", "content": f"<think>{env_bug}</think><answer>7</answer>"}
+
+    tasks = [_task(i) for i in range(2)]
+    with StubChatServer(buggy) as stub:
+        backend = OpenAIBackend(OpenAIConfig(url=stub.url("bug"), model="m"))
+        with pytest.raises(RuntimeError, match="every episode \\(2\\) ended by an error.*KeyError"):
+            run_served(backend, tasks, {"max_turns": 2}, sandbox)
+        episode = _play(stub, sandbox, "bug")
+    assert "the env's step raised KeyError" in episode.error and not episode.unanswered
+    assert episode.transcript.truncation == "error" and episode.transcript.num_turns == 1
 
 
 @pytest.mark.parametrize("mode, words", [("down", "HTTP 503"), ("notjson", "not a JSON object"),
@@ -194,7 +208,7 @@ def test_run_served_plays_concurrently_in_task_order(server, sandbox):
     assert [e.transcript.task_id for e in episodes] == [t.id for t in tasks]
     assert all(e.transcript.success for e in episodes) and 2 <= server.max_inflight["busy"] <= 3
     figures = usage_metrics(episodes)
-    assert figures["served/requests"] == 6 and figures["served/episode_errors"] == 0
+    assert figures["served/requests"] == 6 and figures["served/episode_errors"] == figures["served/unanswered"] == 0
     assert figures["served/prompt_tokens_per_episode"] == 100 and figures["served/latency_s"] >= 0.2
 
 
