@@ -19,7 +19,8 @@ what it sampled is not known token by token. It is for evaluation and for demons
 data, rendered later with the student's own template), not for RL training.
 
 Requests run with one deadline each, retries with backoff on timeouts, 429 and 5xx
-(`cv_env.chat_client`); HTTP 401/403/404 raise `EndpointConfigError` at once, naming the fix;
+(`cv_env.chat_client`); HTTP 401/403/404, and a 400 that refuses native tool calls, raise
+`EndpointConfigError` at once, naming the fix;
 any other failure raises `EndpointError` (the episode ends, the run goes on). Each `ServedTurn`
 carries the token usage the server reported and the request's latency.
 """
@@ -163,6 +164,11 @@ class OpenAIBackend:
         except EndpointError as error:
             if error.status in (401, 403, 404):
                 raise EndpointConfigError(self._config_advice(error)) from None
+            if error.status == 400 and c.tool_mode == "native" and "tool" in str(error).lower():
+                raise EndpointConfigError(
+                    f"{error}. The endpoint refuses native tool calls for this model: set model.tool_mode=prompt "
+                    "(the schema and the calls as text), or start the server with a tool parser (vLLM: "
+                    "--enable-auto-tool-choice --tool-call-parser hermes)") from None
             raise
         try:
             choice = response.data["choices"][0]

@@ -66,6 +66,9 @@ def _model(mode, body, nth):
         return Raw(401, b'{"error": "invalid api key"}')
     if mode == "notfound":
         return Raw(404, b'{"detail": "Not Found"}')
+    if mode == "notools":  # vLLM started without a tool parser
+        return Raw(400, b'{"message": "\\"auto\\" tool choice requires --enable-auto-tool-choice and '
+                        b'--tool-call-parser to be set"}')
     raise AssertionError(f"unknown mode {mode}")
 
 
@@ -197,6 +200,8 @@ def test_refused_settings_name_the_fix(server, sandbox, monkeypatch):
     assert server.requests[-1]["auth"] == "Bearer s3cret"
     with pytest.raises(EndpointConfigError, match=r"end in /v1.*no model 'stub-vlm'.*/notfound/v1/models"):
         _play(server, sandbox, "notfound")
+    with pytest.raises(EndpointConfigError, match=r"tool choice requires.*set model.tool_mode=prompt"):
+        _play(server, sandbox, "notools")
     with pytest.raises(ValueError, match="CV_UNSET_KEY.*is not set"):
         _backend(server, "native", api_key_env="CV_UNSET_KEY")
 
