@@ -18,6 +18,7 @@ runs in our sandbox, its results come back as observations. `solve` is thread-sa
 from __future__ import annotations
 
 import os
+import queue
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -61,23 +62,29 @@ class CodeVisionSolver:
         self._preset = get_prompt(prompt)
         self._owns_sandbox = sandbox is None
         self.sandbox = Sandbox(workers=workers) if sandbox is None else sandbox
+        self._envs: queue.SimpleQueue = queue.SimpleQueue()  # idle envs, one made per concurrent caller
 
     def solve(self, images: Sequence[Image.Image | str | os.PathLike], question: str, item_id: str = "item",
               seed: int = 0) -> VQAResult:
         """Answer `question` about `images` (PIL images or file paths) with the tool loop."""
         task = Task(id=str(item_id), images=[_image(im) for im in images], question=str(question), answer="",
                     category="vqa")
-        env = gym.make("CodeVision-v0", tasks=[task], sandbox=self.sandbox, max_turns=self.max_turns,
-                       max_pixels=self.max_pixels, prompt=self.prompt, disable_env_checker=True)
+        try:
+            env = self._envs.get_nowait()
+        except queue.Empty:
+            env = gym.make("CodeVision-v0", tasks=[task], sandbox=self.sandbox, max_turns=self.max_turns,
+                           max_pixels=self.max_pixels, prompt=self.prompt, disable_env_checker=True)
         try:
             episode = play_served(env, ServedAgent(self.backend, self._preset.system, self._preset.tools), task,
                                   seed=seed, agent_name=getattr(self.backend, "name", ""))
         finally:
-            env.close()
+            self._envs.put(env)
         return VQAResult(episode.transcript.answer, episode.transcript, episode.messages, episode.error)
 
     def close(self) -> None:
-        """Close the solver's own sandbox (a shared one stays open)."""
+        """Close the solver's envs and its own sandbox (a shared one stays open)."""
+        while not self._envs.empty():
+            self._envs.get_nowait().close()
         if self._owns_sandbox:
             self.sandbox.close()
 

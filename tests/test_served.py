@@ -407,6 +407,7 @@ def test_the_harness_adapter_answers_one_item_with_the_tool_loop(server, sandbox
     with CodeVisionSolver(_backend(server, "native"), max_turns=4, sandbox=sandbox) as solver:
         result = solver.solve([str(path)], "Which digit is shown?", item_id="vqa-1")
         assert result.answer == "7" and result.error == ""
+        assert solver.solve([_task().images[0]], "And now?").answer == "7"  # the env is reused
         assert result.transcript.turns[0].ops == ["rotate_90"] and result.transcript.task_id == "vqa-1"
         assert [m["role"] for m in result.messages] == ["system", "user", "assistant", "tool", "assistant"]
         unanswered = CodeVisionSolver(_backend(server, "down", retries=0), sandbox=sandbox).solve(
