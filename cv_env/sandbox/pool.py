@@ -36,13 +36,14 @@ from PIL import Image
 
 from cv_env.frames import Frame
 from cv_env.sandbox import isolation
-from cv_env.sandbox.reply import ReplyError, parse_reply
+from cv_env.sandbox.reply import OUTPUT_LAYOUTS, ReplyError, parse_reply
 from cv_env.sandbox.verify import ClaimError, verify_claims
 from cv_env.sandbox.wire import WireError, recv_msg, send_msg
 from cv_env.task import CORE_OPS
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../cv_env
-_OUTPUT_BYTES_PER_PIXEL = 3
+_OUTPUT_BYTES_PER_PIXEL = max(OUTPUT_LAYOUTS.values())
+_KEPT_SCRATCH_BYTES = 16 << 20  # a slot keeps its output buffer up to this size (2048x2048 RGB)
 _MARKER_BYTES = 64  # after the pixels: where a worker writes the number of the call it began
 
 
@@ -76,6 +77,7 @@ class _Slot:
         self.host_pid: int | None = None
         self.written: list = []  # (weakref to image, (offset, mode, size)) of the pixels held
         self.calls = 0  # numbers the calls; a worker writes the one it begins at `marker`
+        self.scratch: np.ndarray | None = None  # the host's copy of the last output's pixels
 
     @property
     def marker(self) -> int:
@@ -84,6 +86,23 @@ class _Slot:
     def began(self, call: int) -> bool:
         """Did the worker begin call number `call` (before it died or went silent)?"""
         return self.shared is not None and int.from_bytes(self.shared[self.marker: self.marker + 8], "little") == call
+
+    def copy_out(self, offset: int, nbytes: int) -> np.ndarray:
+        """The host's own copy of `nbytes` of shared memory (which the worker can still write):
+        everything the host checks or shows is read from this copy. The buffer is reused from
+        call to call, so big outputs cost one copy and no fresh pages."""
+        if nbytes > _KEPT_SCRATCH_BYTES:
+            buffer = np.empty(nbytes, np.uint8)
+        else:
+            if self.scratch is None or self.scratch.size < nbytes:
+                self.scratch = np.empty(nbytes, np.uint8)
+            buffer = self.scratch[:nbytes]
+        view = memoryview(self.shared)[offset: offset + nbytes]
+        try:
+            memoryview(buffer)[:] = view
+        finally:
+            view.release()
+        return buffer
 
     def renew_memory(self) -> None:
         """A new, zero-filled shared-memory file (a new worker sees nothing of an earlier one)."""
@@ -281,7 +300,10 @@ class Sandbox:
         # A scrubbed environment: no secrets or tokens of the host reach the snippets.
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "OPENCV_LOG_LEVEL": "SILENT"}
+               "OPENCV_LOG_LEVEL": "SILENT",
+               # Image-sized buffers come from the heap and are reused, not mapped afresh (and
+               # page-faulted in) for every array.
+               "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"}
         zygote = _Launcher.popen(
             # -I: ignore PYTHON* variables and the user's site; -B: never write bytecode.
             [*launcher, isolation.interpreter(), "-I", "-B", "-c", bootstrap, str(zygote_end.fileno())],
@@ -592,11 +614,10 @@ class Sandbox:
                             output_offset=self.max_input_bytes, capacity=slot.marker)
         result = SandboxResult(ok=reply.ok, stdout=reply.stdout, error=reply.error)
         if reply.image is not None:
-            mode, w, h = reply.image
-            nbytes = w * h * (3 if mode == "RGB" else 1)
-            data = slot.shared[self.max_input_bytes: self.max_input_bytes + nbytes]  # a copy
-            output = np.frombuffer(data, np.uint8).reshape((h, w, 3) if mode == "RGB" else (h, w))
-            result.image = Image.frombuffer(mode, (w, h), data, "raw", mode, 0, 1)
+            layout, w, h = reply.image
+            data = slot.copy_out(self.max_input_bytes, w * h * OUTPUT_LAYOUTS[layout])
+            output = data.reshape(h, w) if layout == "L" else data.reshape(h, w, -1)[:, :, :3]
+            result.image = Image.frombytes("L" if layout == "L" else "RGB", (w, h), data, "raw", layout)
             if reply.source_index is None:
                 result.ops = [op for op in reply.ops if op["name"] not in CORE_OPS]
             else:
