@@ -1,10 +1,11 @@
 """Sandbox vs unguarded in-process `exec` on the same snippets (1024x768 RGB image).
 
-    python bench/bench_sandbox.py [--calls 200] [--workers 2] [--max-calls-per-worker 200]
+    python bench/bench_sandbox.py [--calls 200] [--workers 2] [--callers 4] [--max-calls-per-worker 200]
 
-Prints p50/p95 latency of sequential calls, and calls/s with `workers` threads sharing one
-Sandbox, next to unguarded single-thread `exec` (no isolation, no op detection, no checks),
-with ratios. Every sandboxed call goes through both layers and the host's checks (a crop or a
+Prints p50/p95 latency of sequential calls, and calls/s with `callers` threads sharing one
+Sandbox of `workers` workers (as a rollout batch shares one: more episodes than workers, so the
+pool runs saturated; the mix is also run with one caller per worker), next to unguarded
+single-thread `exec` (no isolation, no op detection, no checks), with ratios. Every sandboxed call goes through both layers and the host's checks (a crop or a
 rotation is verified against the pixels). `--max-calls-per-worker 1` measures a fresh worker
 for every call.
 """
@@ -75,8 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--callers", type=int, default=None, help="threads calling run (default: 2 per worker)")
     parser.add_argument("--max-calls-per-worker", type=int, default=200)
     args = parser.parse_args()
+    callers = args.callers or 2 * args.workers
     from PIL import Image
 
     from cv_env.sandbox import Sandbox
@@ -84,19 +87,20 @@ def main() -> None:
     rng = np.random.RandomState(0)
     image = Image.fromarray(rng.randint(0, 255, (768, 1024, 3), dtype=np.uint8))
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} calls={args.calls} workers={args.workers} "
-          f"max_calls_per_worker={args.max_calls_per_worker}")
+          f"callers={callers} max_calls_per_worker={args.max_calls_per_worker}")
     with Sandbox(workers=args.workers, timeout_s=10.0, memory_mb=1024,
                  max_calls_per_worker=args.max_calls_per_worker) as sandbox:
         print("layers:", {k: v for k, v in sandbox.layers.items() if v})
         header = (f"{'snippet':8} {'exec p50':>9} {'p95':>7} {'calls/s':>8} | {'sandbox p50':>11} {'p95':>7} "
                   f"{'overhead':>8} {'calls/s':>8} {'thr ratio':>9}")
         print(header)
-        for name, code in list(SNIPPETS.items()) + [("mix", None)]:
-            if code is None:  # the three snippets in turn: throughput of a realistic blend
-                code = list(SNIPPETS.values())
-            sandboxed(sandbox, code, image, 10, args.workers)  # warm up
+        runs = [(name, code, callers) for name, code in SNIPPETS.items()]
+        # The three snippets in turn: throughput of a realistic blend, saturated and one caller per worker.
+        runs += [("mix", list(SNIPPETS.values()), callers), (f"mix/{args.workers}", list(SNIPPETS.values()), args.workers)]
+        for name, code, threads in runs:
+            sandboxed(sandbox, code, image, 10, threads)  # warm up
             u_t, u_rate = unguarded(code, image, args.calls)
-            s_t, s_rate = sandboxed(sandbox, code, image, args.calls, args.workers)
+            s_t, s_rate = sandboxed(sandbox, code, image, args.calls, threads)
             print(f"{name:8} {percentile(u_t, 50):8.2f}ms {percentile(u_t, 95):6.2f}ms {u_rate:8.1f} | "
                   f"{percentile(s_t, 50):10.2f}ms {percentile(s_t, 95):6.2f}ms "
                   f"{percentile(s_t, 50) - percentile(u_t, 50):+7.2f}ms {s_rate:8.1f} {s_rate / u_rate:8.2f}x")

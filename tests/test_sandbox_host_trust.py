@@ -39,7 +39,7 @@ def put_pixels(data):  # straight into the worker's shared memory (fd 4), with l
 def reply(mode, width, height, frame, ops, source_index=0):
     send({{"ok": True, "error": None, "stdout": "", "ops": ops, "source_index": source_index, "retire": False,
           "image": {{"mode": mode, "width": width, "height": height, "offset": {OFFSET},
-                    "nbytes": width * height * (3 if mode == "RGB" else 1)}}, "frame": frame}})
+                    "nbytes": width * height * {{"RGB": 3, "RGBX": 4, "L": 1}}[mode]}}, "frame": frame}})
 def crop_frame(box, source_size):
     x1, y1, x2, y2 = box
     return {{"size": [x2 - x1, y2 - y1], "source_size": list(source_size), "matrix": [[1, 0, x1], [0, 1, y1]]}}
@@ -89,6 +89,13 @@ LIES = {
         "import numpy\nput_pixels(numpy.asarray(image).tobytes())\n"
         "reply('RGB', 64, 48, {'size': [64, 48], 'source_size': [640, 480], 'matrix': [[1, 0, 0], [0, 1, 0]]},"
         " [{'name': 'crop', 'box': [0, 0, 64, 48]}])", "rejected"),
+    "a rotation that did not happen, in Pillow's 4-byte layout": (
+        "put_pixels(image.resize((48, 64)).tobytes('raw', 'RGBX'))\n"
+        "reply('RGBX', 48, 64, {'size': [48, 64], 'source_size': [64, 48], 'matrix': [[0, -1, 64], [1, 0, 0]]},"
+        " [{'name': 'rotate_90'}])", "rejected"),
+    "a 4-byte layout whose size does not add up": (
+        "send({'ok': True, 'image': {'mode': 'RGBX', 'width': 4, 'height': 4, 'offset': %d, 'nbytes': 48}})" % OFFSET,
+        "rejected"),
     "an op name no rule makes": (
         "put_pixels(bytes(3))\nreply('RGB', 1, 1, None, [{'name': 'free_reward'}], None)", "rejected"),
     "output outside shared memory": (
@@ -122,6 +129,22 @@ def test_a_true_report_is_believed_even_from_forging_code(sandbox, image):
     if not sandbox.restricted:
         assert r.ok, r.error
         assert r.ops == [{"name": "crop", "box": [16, 8, 48, 40], "source_box": [16.0, 8.0, 48.0, 40.0]}]
+    assert_pool_healthy(sandbox, image)
+
+
+def test_a_true_report_in_pillows_layout_is_believed(sandbox, image):
+    """Images come back in Pillow's own 4-byte layout (no repacking): a true report in it passes,
+    and the host reads the RGB bands, not the padding byte."""
+    code = ("import numpy\npixels = numpy.zeros((64, 48, 4), numpy.uint8)\n"
+            "pixels[:, :, :3] = numpy.rot90(numpy.asarray(image))\npixels[:, :, 3] = 77\n"
+            "put_pixels(pixels.tobytes())\n"
+            "reply('RGBX', 48, 64, {'size': [48, 64], 'source_size': [64, 48], 'matrix': [[0, -1, 64], [1, 0, 0]]},"
+            " [{'name': 'rotate_90'}])")
+    r = forge(sandbox, image, code)
+    if not sandbox.restricted:
+        assert r.ok, r.error
+        assert r.image.mode == "RGB" and np.array_equal(np.asarray(r.image), np.rot90(np.asarray(image)))
+        assert r.ops == [{"name": "rotate_90"}] and r.frame is not None
     assert_pool_healthy(sandbox, image)
 
 

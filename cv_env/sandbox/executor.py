@@ -11,6 +11,7 @@ from PIL import Image
 
 from cv_env.sandbox.ops import Tracker, resolve_result, size_of
 from cv_env.sandbox.proxies import build_proxies
+from cv_env.sandbox.reply import OUTPUT_LAYOUTS
 from cv_env.sandbox.restricted import SNIPPET_FILENAME, Guards, PrintCollector, compile_snippet
 
 RESULT_HELP = "assign a PIL image or an HxW / HxWx3 uint8 numpy array to `result`"
@@ -141,21 +142,27 @@ def _describe(node, pixels) -> dict:
 
 
 def _write_pixels(pixels, output, offset: int) -> dict:
-    """Copy the result's raw pixels into shared memory (arrays in one copy, no PIL detour)."""
+    """Copy the result's raw pixels into shared memory in one copy: an array as it is, an
+    image in Pillow's own layout (4 bytes per RGB pixel, nothing repacked on either side)."""
     w, h = size_of(pixels)
     if isinstance(pixels, np.ndarray):
-        mode = "L" if pixels.ndim == 2 else "RGB"
-        nbytes = pixels.size
+        layout = "L" if pixels.ndim == 2 else "RGB"
     else:
-        mode = pixels.mode
-        nbytes = w * h * (3 if mode == "RGB" else 1)
+        layout = "L" if pixels.mode == "L" else "RGBX"
+    nbytes = w * h * OUTPUT_LAYOUTS[layout]
     if offset + nbytes > len(output):
         raise ResultError("result is too large for the sandbox's output buffer; resize it down")
     if isinstance(pixels, np.ndarray):
         np.frombuffer(output, np.uint8, count=nbytes, offset=offset).reshape(pixels.shape)[...] = pixels
     else:
-        output[offset: offset + nbytes] = pixels.tobytes()
-    return {"mode": mode, "width": w, "height": h, "offset": offset, "nbytes": nbytes}
+        view = memoryview(output)[offset: offset + nbytes]
+        try:  # an image mapped onto shared memory, which Pillow's paste fills row by row
+            target = Image.frombuffer(layout, (w, h), view, "raw", layout, 0, 1)
+            target.im.paste(pixels.im, (0, 0, w, h))
+            del target
+        finally:
+            view.release()
+    return {"mode": layout, "width": w, "height": h, "offset": offset, "nbytes": nbytes}
 
 
 def format_exception(exc: BaseException, filename: str) -> str:

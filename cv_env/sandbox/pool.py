@@ -36,13 +36,13 @@ from PIL import Image
 
 from cv_env.frames import Frame
 from cv_env.sandbox import isolation
-from cv_env.sandbox.reply import ReplyError, parse_reply
+from cv_env.sandbox.reply import OUTPUT_LAYOUTS, ReplyError, parse_reply
 from cv_env.sandbox.verify import ClaimError, verify_claims
 from cv_env.sandbox.wire import WireError, recv_msg, send_msg
 from cv_env.task import CORE_OPS
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../cv_env
-_OUTPUT_BYTES_PER_PIXEL = 3
+_OUTPUT_BYTES_PER_PIXEL = max(OUTPUT_LAYOUTS.values())
 _MARKER_BYTES = 64  # after the pixels: where a worker writes the number of the call it began
 
 
@@ -148,6 +148,43 @@ class _HostPixels:
             self._bytes -= entry[2].nbytes
 
 
+class _Buffers:
+    """The host's own buffers for output pixels, reused from call to call: a big output costs
+    one copy out of shared memory and no freshly faulted-in pages. Keeps at most `keep`
+    buffers of at most `max_bytes` each."""
+
+    def __init__(self, keep: int, max_bytes: int = 16 << 20):
+        self.keep, self.max_bytes = keep, max_bytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def copy(self, shared: mmap.mmap, offset: int, nbytes: int) -> np.ndarray:
+        """A private copy of `shared[offset: offset + nbytes]`, which a worker can still write:
+        whatever the host checks or shows is read from the copy."""
+        buffer = None
+        with self._lock:
+            for i, candidate in enumerate(self._free):
+                if candidate.size >= nbytes:
+                    buffer = self._free.pop(i)
+                    break
+        if buffer is None:
+            buffer = np.empty(nbytes, np.uint8)
+        data = buffer[:nbytes]
+        view = memoryview(shared)[offset: offset + nbytes]
+        try:
+            memoryview(data)[:] = view
+        finally:
+            view.release()
+        return data
+
+    def give_back(self, data: np.ndarray) -> None:
+        buffer = data if data.base is None else data.base
+        if buffer.size <= self.max_bytes:
+            with self._lock:
+                if len(self._free) < self.keep:
+                    self._free.append(buffer)
+
+
 class _Launcher:
     """Starts zygote processes from one thread that lives as long as the host process.
 
@@ -234,6 +271,7 @@ class Sandbox:
         self._zygote_layers: dict = {}
         self._worker_layers: dict = {}
         self._pixels = _HostPixels(max_bytes=4 * self.max_input_bytes)
+        self._buffers = _Buffers(keep=2 * workers)
         self._rngs = threading.local()
         self._capacity = self.max_input_bytes + self.max_output_pixels * _OUTPUT_BYTES_PER_PIXEL + _MARKER_BYTES
         self._start_zygote()
@@ -281,7 +319,10 @@ class Sandbox:
         # A scrubbed environment: no secrets or tokens of the host reach the snippets.
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "OPENCV_LOG_LEVEL": "SILENT"}
+               "OPENCV_LOG_LEVEL": "SILENT",
+               # Image-sized buffers come from the heap and are reused, not mapped afresh (and
+               # page-faulted in) for every array.
+               "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"}
         zygote = _Launcher.popen(
             # -I: ignore PYTHON* variables and the user's site; -B: never write bytecode.
             [*launcher, isolation.interpreter(), "-I", "-B", "-c", bootstrap, str(zygote_end.fileno())],
@@ -479,9 +520,15 @@ class Sandbox:
             return self._fail(f"the code is {len(code)} characters long; the limit is {self.max_code_chars}", start)
         slot = self._acquire()
         try:
-            return self._run_on(slot, code, images, image_index, start)
+            result, output = self._run_on(slot, code, images, image_index, start)
         finally:
             self._idle.put(slot)
+        if output is not None:  # decoded once the worker is free: it can take the next call meanwhile
+            layout, size, data = output
+            result.image = Image.frombytes("L" if layout == "L" else "RGB", size, data, "raw", layout)
+            self._buffers.give_back(data)
+        result.elapsed_s = time.perf_counter() - start
+        return result
 
     def _acquire(self) -> _Slot:
         """Wait for a free worker; a Sandbox closed meanwhile raises instead of hanging."""
@@ -500,7 +547,10 @@ class Sandbox:
     def _fail(self, message: str, start: float) -> SandboxResult:
         return SandboxResult(ok=False, error=message, elapsed_s=time.perf_counter() - start)
 
-    def _run_on(self, slot: _Slot, code: str, images, image_index: int, start: float) -> SandboxResult:
+    def _run_on(self, slot: _Slot, code: str, images, image_index: int,
+                start: float) -> tuple[SandboxResult, tuple | None]:
+        """Run the call on `slot`'s worker: the checked result, and its output image's pixels
+        (layout, size, the host's private copy) for the caller to decode."""
         for attempt in range(2):
             if slot.sock is not None and select.select([slot.sock], [], [], 0)[0]:
                 self._kill(slot)  # gone while idle (end of stream): not this snippet's doing
@@ -509,7 +559,7 @@ class Sandbox:
             inputs = self._write_inputs(slot, images)
             if inputs is None:
                 return self._fail(f"the images hold more than {self.max_input_bytes} bytes of pixels; "
-                                  f"raise max_input_bytes", start)
+                                  f"raise max_input_bytes", start), None
             metas, pixels = inputs
             slot.calls += 1
             request = {"code": code, "images": metas, "image_index": image_index, "call": slot.calls,
@@ -535,20 +585,22 @@ class Sandbox:
                 continue  # the worker was dead or stuck before it began: not this call's doing
             if problem == "timeout":
                 return self._fail(f"TimeoutError: the code ran longer than {self.timeout_s:g} s and was "
-                                  f"stopped; avoid long loops and work on whole arrays", start)
+                                  f"stopped; avoid long loops and work on whole arrays", start), None
             if problem is not None:
-                return self._fail(f"the sandbox worker sent an invalid reply ({problem}); it was replaced", start)
+                return self._fail(f"the sandbox worker sent an invalid reply ({problem}); it was replaced",
+                                  start), None
             return self._fail("the code crashed the sandbox worker (a resource limit or a fatal error in "
-                              "a library call); it was replaced", start)
+                              "a library call); it was replaced", start), None
         try:
-            result, retire = self._to_result(slot, message, pixels, start)
+            result, output, retire = self._to_result(slot, message, pixels)
         except (ReplyError, ClaimError) as exc:
             self._kill(slot)
-            return self._fail(f"the sandbox rejected the worker's report ({exc}); the worker was replaced", start)
+            return self._fail(f"the sandbox rejected the worker's report ({exc}); the worker was replaced",
+                              start), None
         if retire:
             self._kill(slot)  # it asked to go (call budget spent, or a snippet left it unclean)
             self._spawn(slot)
-        return result
+        return result, output
 
     def _write_inputs(self, slot: _Slot, images) -> tuple[list[dict], list[np.ndarray]] | None:
         """Put the images' pixels in the slot's shared memory; None if they do not fit.
@@ -585,25 +637,31 @@ class Sandbox:
             rng = self._rngs.rng = np.random.default_rng(secrets.randbits(128))
         return rng
 
-    def _to_result(self, slot: _Slot, message, pixels: list[np.ndarray], start: float) -> tuple[SandboxResult, bool]:
-        """Parse and verify the worker's reply (ReplyError / ClaimError when it is forged)."""
+    def _to_result(self, slot: _Slot, message, pixels: list[np.ndarray]) -> tuple[SandboxResult, tuple | None, bool]:
+        """Parse and verify the worker's reply (ReplyError / ClaimError when it is forged).
+
+        Returns the result, its output's pixels (layout, size, the host's private copy: checked
+        there, so the worker cannot change them afterwards) and whether the worker asked to retire.
+        """
         reply = parse_reply(message, n_images=len(pixels), max_stdout=self.max_stdout,
                             max_output_pixels=self.max_output_pixels, max_aspect=self.max_aspect,
                             output_offset=self.max_input_bytes, capacity=slot.marker)
         result = SandboxResult(ok=reply.ok, stdout=reply.stdout, error=reply.error)
-        if reply.image is not None:
-            mode, w, h = reply.image
-            nbytes = w * h * (3 if mode == "RGB" else 1)
-            data = slot.shared[self.max_input_bytes: self.max_input_bytes + nbytes]  # a copy
-            output = np.frombuffer(data, np.uint8).reshape((h, w, 3) if mode == "RGB" else (h, w))
-            result.image = Image.frombuffer(mode, (w, h), data, "raw", mode, 0, 1)
+        if reply.image is None:
+            return result, None, reply.retire
+        layout, w, h = reply.image
+        data = self._buffers.copy(slot.shared, self.max_input_bytes, w * h * OUTPUT_LAYOUTS[layout])
+        try:
             if reply.source_index is None:
                 result.ops = [op for op in reply.ops if op["name"] not in CORE_OPS]
             else:
-                verified = verify_claims(pixels[reply.source_index], output, reply.frame, reply.ops, self._rng())
+                seen = data.reshape(h, w) if layout == "L" else data.reshape(h, w, -1)[:, :, :3]
+                verified = verify_claims(pixels[reply.source_index], seen, reply.frame, reply.ops, self._rng())
                 result.ops, result.frame, result.source_index = verified.ops, verified.frame, reply.source_index
-        result.elapsed_s = time.perf_counter() - start
-        return result, reply.retire
+        except ClaimError:
+            self._buffers.give_back(data)
+            raise
+        return result, (layout, (w, h), data), reply.retire
 
 
 _OS_PIECES = (("empty root (bubblewrap)", "empty_root"), ("PID namespace per worker", "pid_namespace"),

@@ -20,6 +20,9 @@ rotate_90 rotate_180 rotate_270 flip_horizontal flip_vertical crop pad resize ro
 grayscale threshold draw blend point invert equalize autocontrast posterize solarize colorize
 blur denoise edges morphology sharpen filter emboss quantize brightness contrast color sharpness
 """.split())
+# How an output's pixels lie in shared memory, and their bytes per pixel: packed RGB (arrays),
+# Pillow's own 4-byte RGB (images: copied as they are, no packing) and one band.
+OUTPUT_LAYOUTS = {"RGB": 3, "RGBX": 4, "L": 1}
 _FIELDS = {"ok", "error", "stdout", "ops", "image", "frame", "source_index", "retire", "worker_s"}
 _OP_FIELDS = {"name", "box", "source_box", "size", "angle"}
 _MAX_OPS = 64
@@ -33,7 +36,7 @@ class ReplyError(ValueError):
 
 @dataclass(frozen=True)
 class Reply:
-    """A well-formed reply; `image` is the output's (mode, width, height) in shared memory."""
+    """A well-formed reply; `image` is the output's (layout, width, height) in shared memory."""
 
     ok: bool
     stdout: str
@@ -114,11 +117,11 @@ def parse_reply(message: Any, *, n_images: int, max_stdout: int, max_output_pixe
     ops: list[dict] = []
     meta = message.get("image")
     if meta is not None:
-        if type(meta) is not dict or meta.get("mode") not in ("RGB", "L"):
-            raise ReplyError("an output image must be RGB or L")
+        if type(meta) is not dict or meta.get("mode") not in OUTPUT_LAYOUTS:
+            raise ReplyError(f"an output image's layout must be one of {sorted(OUTPUT_LAYOUTS)}")
         w = _int(meta.get("width"), 1, max_output_pixels, "the output width")
         h = _int(meta.get("height"), 1, max_output_pixels, "the output height")
-        bands = 3 if meta["mode"] == "RGB" else 1
+        bands = OUTPUT_LAYOUTS[meta["mode"]]
         if w * h > max_output_pixels or max(w, h) > max_aspect * min(w, h):
             raise ReplyError(f"an output of {w}x{h} pixels is out of bounds")
         if meta.get("offset") != output_offset or meta.get("nbytes") != w * h * bands \

@@ -107,11 +107,22 @@ def _sample(frame: Frame, output: np.ndarray, source: np.ndarray, xs: np.ndarray
     """Luminance of the output and of the source at the sampled output positions that map
     inside the source (only those pixels are read: the images stay as they are)."""
     (a, b, c), (d, e, f) = frame.matrix
-    u = np.floor(a * (xs + 0.5) + b * (ys + 0.5) + c).astype(np.int64)
-    v = np.floor(d * (xs + 0.5) + e * (ys + 0.5) + f).astype(np.int64)
+    cx, cy = xs + 0.5, ys + 0.5
+    u = np.floor(a * cx + b * cy + c)
+    v = np.floor(d * cx + e * cy + f)
     h, w = source.shape[:2]
     inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    return luminance(output[ys[inside], xs[inside]]), luminance(source[v[inside], u[inside]])
+    seen = (ys * output.shape[1] + xs)[inside]
+    expected = (v[inside] * w + u[inside]).astype(np.intp)
+    return luminance(_gather(output, seen)), luminance(_gather(source, expected))
+
+
+def _gather(pixels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The pixels at flat positions `index`, one row each, read without copying the image
+    (a view such as the RGB bands of 4-byte pixels included)."""
+    h, w = pixels.shape[:2]
+    rows = pixels.reshape(h * w, -1) if pixels.ndim == 3 else pixels.reshape(h * w)
+    return np.take(rows, index, axis=0) if rows.flags.c_contiguous else rows[index]
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:
@@ -150,7 +161,7 @@ def verify_claims(source: np.ndarray, output: np.ndarray, frame: Frame | None, o
         return Verified(others, frame)  # claims no geometry at all: nothing the reward pays for
 
     n = w * h
-    ys, xs = np.divmod(np.arange(n) if n <= SAMPLES else rng.integers(0, n, SAMPLES), w)
+    ys, xs = np.divmod(np.arange(n) if n <= SAMPLES else rng.integers(0, n, SAMPLES), w)  # output positions
     seen, expected = _sample(frame, output, source, xs, ys)
     if len(seen) < MIN_SAMPLES:
         return Verified(others, None)  # the output shows too little of the source to test
