@@ -54,8 +54,11 @@ class MessageText(Text):
     """
 
     def __init__(self, max_length: int, min_length: int = 0, charset: str | None = None, seed=None):
-        super().__init__(max_length=max_length, min_length=min_length,
-                         charset=text_charset() if charset is None else charset, seed=seed)
+        charset = text_charset() if charset is None else charset
+        super().__init__(max_length=max_length, min_length=min_length, charset=charset[:1], seed=seed)
+        # Text builds four tables over the charset (~40 ms for the default 55k characters,
+        # several times per env): built once per charset, shared read-only by every space.
+        self._char_set, self._char_list, self._char_index, self._char_str = _charset_tables(charset)
 
     def __repr__(self) -> str:
         # Text's own repr prints every character: 55 KB for the default charset.
@@ -63,6 +66,13 @@ class MessageText(Text):
         if len(charset) > 40:
             charset = f"<{len(self.characters)} characters>"
         return f"MessageText(min_length={self.min_length}, max_length={self.max_length}, charset={charset})"
+
+
+@lru_cache(maxsize=8)
+def _charset_tables(charset: str) -> tuple:
+    """Gymnasium's lookup tables for a charset (what `Text.__init__` computes)."""
+    probe = Text(1, min_length=0, charset=charset)
+    return probe._char_set, probe._char_list, probe._char_index, probe._char_str
 
 
 def text_space(max_length: int) -> MessageText:

@@ -228,3 +228,20 @@ def test_every_step_names_every_reward_term():
             assert info["reward_components"]["total"] == reward == info["reward_components"]["exec_fail"]
     assert abs(paid - info["reward_components"]["total"]) < 1e-9
     env.close()
+
+
+def test_text_spaces_share_their_charset_tables_and_keep_their_own_seeds():
+    """Text's tables over the 55k-character charset are built once, not per space (gym.make
+    built them several times per env); each space still samples from its own generator."""
+    from cv_env.spaces import MessageText, text_charset
+
+    a, b = MessageText(32), MessageText(64, seed=1)
+    assert a.character_set is b.character_set and a.characters == text_charset()
+    assert a.character_index("é") == text_charset().index("é")
+    assert a.contains("résultat = 1\n\t") and not a.contains("\x00") and not a.contains("x" * 33)
+    a.seed(7)
+    b.sample()  # another space's draws do not move this one's generator
+    first = a.sample()
+    a.seed(7)
+    assert a.sample() == first == MessageText(32, seed=7).sample()
+    assert MessageText(16, charset="ab").contains("abba") and not MessageText(16, charset="ab").contains("abc")
