@@ -286,8 +286,10 @@ def test_tiny_ppo_run_resumes_policy_and_critic_through_a_critic_warmup(tmp_path
     out = tmp_path / "run"
     run(load_ppo_config(TINY_RUN + ["trainer.total_steps=2", "trainer.val_every=0", f"trainer.output_dir={out}"]))
     # Resume from both checkpoints, with a critic warm-up over step 3: only the critic trains there.
+    # A changed setting (the warm-up) continues a run only from a checkpoint named explicitly.
     summary = run(load_ppo_config(TINY_RUN + ["trainer.total_steps=4", "critic.warmup_steps=3", "trainer.val_every=0",
-                                              f"trainer.output_dir={out}"]))
+                                              f"trainer.output_dir={out}",
+                                              f"trainer.resume={out / 'checkpoints' / 'step_00000002'}"]))
     assert summary["steps"] == 4 and summary["resumed_from"].endswith("step_00000002")
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     warmup, after = read_metrics(out / "metrics.jsonl")[2:]
@@ -302,7 +304,8 @@ def test_tiny_ppo_run_resumes_policy_and_critic_through_a_critic_warmup(tmp_path
 
     (out / "critic" / "checkpoints" / "step_00000004" / "COMPLETE").unlink()
     with pytest.raises(FileNotFoundError, match="has no critic"):
-        run(load_ppo_config(TINY_RUN + ["trainer.total_steps=5", f"trainer.output_dir={out}"]))
+        run(load_ppo_config(TINY_RUN + ["trainer.total_steps=5", "critic.warmup_steps=3", "trainer.val_every=0",
+                                         f"trainer.output_dir={out}"]))
 
 
 def test_ppo_yaml_documents_every_schema_field():
