@@ -1,12 +1,15 @@
-"""Typed configuration of the trainers: Hydra structured configs, composed from `conf/`.
+"""Typed configuration of every entry point: Hydra structured configs, composed from `conf/`.
 
-The dataclasses below are the schema; `conf/grpo.yaml` and its groups (`model/`, `env/`,
-`reward/`, `logger/`, `exp/`) carry the values, each key with a one-line comment: read those
-files for what each field does, its default and the paper it comes from. Composition runs
-in Hydra's struct mode against the schema, so a misspelt key (`algo.lrr=1`) or a value of the
-wrong type (`algo.lr=fast`) is an error that names the key, never a silently ignored setting.
-Value checks that types cannot express (ranges, choices, batch divisibility) run when the
-composed config becomes a `GRPOConfig` (`__post_init__`).
+The dataclasses below are the schema's shared blocks (`model`, `env`, `rollout`, the `algo`
+field sets, `trainer`, `logger`, `reward`), each defined once with one check function, and
+GRPO's config made of them; `algos.ppo_config`, `algos.sft_config` and `algos.eval_config`
+compose the same blocks (plus their own) and call the same checks. `conf/grpo.yaml` and its
+groups (`model/`, `env/`, `rollout/`, `reward/`, `logger/`, `exp/`) carry the values, each key
+with a one-line comment: read those files for what each field does, its default and the paper
+it comes from. Composition runs in Hydra's struct mode against the schema, so a misspelt key
+(`algo.lrr=1`) or a value of the wrong type (`algo.lr=fast`) is an error that names the key,
+never a silently ignored setting. Value checks that types cannot express (ranges, choices,
+batch divisibility) run when the composed config becomes a `GRPOConfig` (`__post_init__`).
 
 Two ways in:
 
@@ -45,9 +48,12 @@ __all__ = [
     "EnvConfig",
     "RolloutConfig",
     "KLConfig",
+    "OptimConfig",
+    "PolicyLossConfig",
     "AlgoConfig",
     "TrainerConfig",
     "LoggerConfig",
+    "RLRun",
     "GRPOConfig",
     "ADVANTAGE_ESTIMATORS",
     "ROLLOUT_BACKENDS",
@@ -55,9 +61,25 @@ __all__ = [
     "DTYPES",
     "WANDB_MODES",
     "ConfigError",
+    "require",
+    "check_choice",
+    "check_model",
+    "check_episode",
+    "check_sandbox",
     "check_env_options",
+    "check_env",
+    "check_sampling",
+    "check_rollout",
+    "check_optim",
+    "check_policy_loss",
+    "check_run",
+    "check_trainer",
+    "check_logger",
+    "check_reward",
+    "check_rl_run",
     "conf_dir",
     "default_judge",
+    "default_reward",
     "default_task_options",
     "load_config",
     "to_config",
@@ -83,7 +105,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Schema
+# Schema: the blocks, each defined once; every entry point's config is made of them
 # --------------------------------------------------------------------------------------------
 
 
@@ -99,10 +121,18 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
+    def adapter_kwargs(self) -> dict[str, Any] | None:
+        """`agents.policy.Policy.load`'s `lora` argument: the adapters' shape, or None when disabled."""
+        if not self.enabled:
+            return None
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
+
 
 @dataclass
 class ModelConfig:
-    """The policy: what to load (`agents.loading.load_model` spec) and how to train it."""
+    """The policy: what to load (`agents.loading.load_model` spec) and how to train it. Trainers and
+    evaluation share this block and its `conf/model/` presets; gradient_checkpointing and
+    freeze_vision are how a trainer trains it, so they matter to training runs only."""
 
     path: str = "Qwen/Qwen3-VL-8B-Instruct"
     dtype: str = "bfloat16"
@@ -139,6 +169,12 @@ def default_judge() -> dict[str, Any]:
             **{f.name: f.default for f in dataclasses.fields(JudgeConfig) if f.name not in ("url", "model")}}
 
 
+def default_reward() -> dict[str, Any]:
+    """The default reward weights as a dict. Every key is present from the start, so in struct
+    mode a misspelt reward key is an error at composition, like any other key."""
+    return RewardConfig().to_dict()
+
+
 @dataclass
 class EnvConfig:
     """The CodeVision environment: which tasks, how long an episode may run, image budget."""
@@ -159,7 +195,7 @@ class EnvConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling of trajectories: engine, group size, decoding and length budgets."""
+    """Sampling of trajectories: engine, group size, decoding and length budgets (GRPO and PPO)."""
 
     backend: str = "hf"
     n: int = 8
@@ -186,11 +222,28 @@ class KLConfig:
     kind: str = "k3"
 
 
-@dataclass
-class AlgoConfig:
-    """The GRPO update: advantages, clipped surrogate, KL, optimisation."""
+# The `algo` block of each trainer is one flat node (`algo.lr`, `algo.clip_ratio_low`, ...); the
+# field sets they share are written once below and included by subclassing. No subclass changes
+# the type of a field it includes.
 
-    advantage_estimator: str = "grpo"
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`algos.optim`): the fields every `algo` block starts with."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "constant"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class PolicyLossConfig(OptimConfig):
+    """The clipped-surrogate update of the policy, GRPO's and PPO's alike: clip ratios, KL, entropy,
+    aggregation, epochs and batch sizes."""
+
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
     clip_ratio_c: Optional[float] = 10.0
@@ -200,19 +253,20 @@ class AlgoConfig:
     ppo_epochs: int = 1
     mini_batch_size: int = 32
     micro_batch_size: int = 8
-    grad_clip: float = 1.0
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "constant"
     mask_truncated: bool = True
+
+
+@dataclass
+class AlgoConfig(PolicyLossConfig):
+    """The GRPO update: group-relative advantages on top of the clipped surrogate."""
+
+    advantage_estimator: str = "grpo"
     dynamic_sampling: bool = False
 
 
 @dataclass
 class TrainerConfig:
-    """Run length, validation, checkpoints and resume."""
+    """Run length, validation, checkpoints and resume of an RL run (GRPO and PPO)."""
 
     total_steps: int = 200
     val_every: int = 10
@@ -225,7 +279,7 @@ class TrainerConfig:
     resume: str = "auto"
     sample_table_every: int = 10
     sample_table_rows: int = 8
-    fsdp: bool = False
+    fsdp: bool = False  # FSDP2 sharding under torchrun: algos.grpo; PPO refuses it (`check_no_fsdp`)
 
 
 @dataclass
@@ -242,27 +296,12 @@ class LoggerConfig:
     progress_bar: bool = True
 
 
-def default_reward() -> dict[str, Any]:
-    """The default reward weights as a dict. Every key is present from the start, so in struct
-    mode a misspelt reward key is an error at composition, like any other key."""
-    return RewardConfig().to_dict()
+class RLRun:
+    """What the RL trainers' configs (`GRPOConfig`, `PPOConfig`) give the environment, from their
+    `env` and `reward` blocks. Methods only: each config lists its own fields."""
 
-
-@dataclass
-class GRPOConfig:
-    """Everything `python -m algos.grpo` reads. Validated on construction (see module doc)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # Plain values of a `conf/reward/` preset; `cv_env.reward.RewardConfig.from_dict` types them.
-    reward: dict[str, Any] = field(default_factory=default_reward)
-
-    def __post_init__(self) -> None:
-        _validate(self)
+    env: EnvConfig
+    reward: dict[str, Any]
 
     def reward_config(self) -> RewardConfig:
         """The reward weights as the environment's typed `RewardConfig`."""
@@ -287,26 +326,77 @@ class GRPOConfig:
         }
 
 
+@dataclass
+class GRPOConfig(RLRun):
+    """Everything `python -m algos.grpo` reads. Validated on construction (see module doc)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Plain values of a `conf/reward/` preset; `cv_env.reward.RewardConfig.from_dict` types them.
+    reward: dict[str, Any] = field(default_factory=default_reward)
+
+    def __post_init__(self) -> None:
+        estimator = self.algo.advantage_estimator
+        check_choice(estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
+        check_rl_run(self, min_group=2, why=f": {estimator} compares the rollouts of a prompt")
+
+
 # --------------------------------------------------------------------------------------------
-# Value checks (types are already enforced by OmegaConf; these are ranges and relations)
+# Value checks, one per block (types are already enforced by OmegaConf; these are ranges and
+# relations). Each entry point's config calls the checks of the blocks it is made of.
 # --------------------------------------------------------------------------------------------
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise `ConfigError("config <key>: <message>")` unless `ok`."""
     if not ok:
         raise ConfigError(f"config {key}: {message}")
 
 
-def _choice(value: str, choices: Sequence[str], key: str) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+def check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_model(m: ModelConfig, extra_specs: str = "") -> None:
+    """The `model` block: a spec to load, a dtype, a tool-reply layout, and LoRA's shape when enabled.
+    extra_specs: what else `model.path` may name at this entry point (evaluation: scripted agents)."""
+    require(bool(m.path.strip()), "model.path", f"is empty: give {extra_specs}tiny:<family>, a hub id or a local folder")
+    check_choice(m.dtype, DTYPES, "model.dtype")
+    check_choice(m.tool_response_format, TOOL_RESPONSE_FORMATS, "model.tool_response_format")
+    lora = m.lora
+    if lora.enabled:
+        require(lora.r > 0, "model.lora.r", f"must be > 0, got {lora.r}")
+        require(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
+        require(0.0 <= lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {lora.dropout}")
+        require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
+
+
+def check_episode(max_turns: int | None, max_pixels: int, prompt: str, prefix: str) -> None:
+    """How an episode runs: its turn limit (None: set elsewhere), image budget and prompt preset
+    (`<prefix>max_turns`, `<prefix>max_pixels`, `<prefix>prompt`)."""
+    if max_turns is not None:
+        require(max_turns >= 1, f"{prefix}max_turns", f"must be >= 1, got {max_turns}")
+    require(max_pixels >= 28 * 28, f"{prefix}max_pixels", f"must be >= 784 (one 28x28 patch), got {max_pixels}")
+    check_choice(prompt, tuple(PROMPTS), f"{prefix}prompt")
+
+
+def check_sandbox(s: SandboxConfig, prefix: str) -> None:
+    """The sandbox block (`<prefix>sandbox.workers`, ...)."""
+    require(s.workers >= 0, f"{prefix}sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {s.workers}")
+    require(s.timeout_s > 0, f"{prefix}sandbox.timeout_s", f"must be > 0, got {s.timeout_s}")
+    require(s.memory_mb > 0, f"{prefix}sandbox.memory_mb", f"must be > 0, got {s.memory_mb}")
 
 
 def check_env_options(tasks_options: dict[str, Any], judge: dict[str, Any], prefix: str) -> None:
-    """The task-loader options and the judge node (shared by the trainers' and evaluation's configs)."""
+    """The task-loader options and the judge node (`<prefix>tasks_options`, `<prefix>judge`)."""
     known = default_task_options()
     unknown = sorted(set(tasks_options) - set(known))
-    _require(not unknown, f"{prefix}tasks_options",
-             f"unknown option(s) {unknown}; the loaders take: {', '.join(known)}")
+    require(not unknown, f"{prefix}tasks_options",
+            f"unknown option(s) {unknown}; the loaders take: {', '.join(known)}")
     if judge.get("url"):
         try:
             JudgeConfig.from_dict(judge)
@@ -314,111 +404,121 @@ def check_env_options(tasks_options: dict[str, Any], judge: dict[str, Any], pref
             raise ConfigError(f"config {prefix}judge: {err}") from err
 
 
-def _validate(cfg: GRPOConfig) -> None:
-    m, e, r, a, t, lg = cfg.model, cfg.env, cfg.rollout, cfg.algo, cfg.trainer, cfg.logger
-    _require(bool(m.path.strip()), "model.path", "is empty: give tiny:<family>, a hub id or a local folder")
-    _choice(m.dtype, DTYPES, "model.dtype")
-    _choice(m.tool_response_format, TOOL_RESPONSE_FORMATS, "model.tool_response_format")
-    if m.lora.enabled:
-        _require(m.lora.r > 0, "model.lora.r", f"must be > 0, got {m.lora.r}")
-        _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
-        _require(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must lie in [0, 1), got {m.lora.dropout}")
-        _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "is empty: name the modules to adapt")
-
-    _require(
-        e.tasks is not None and bool(e.tasks.strip()),
-        "env.tasks",
-        "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet",
-    )
-    _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
-    _choice(e.prompt, tuple(PROMPTS), "env.prompt")
-    _require(e.max_pixels >= 28 * 28, "env.max_pixels", f"must be >= 784 (one 28x28 patch), got {e.max_pixels}")
-    _require(e.sandbox.workers >= 0, "env.sandbox.workers", f"must be >= 0 (0 = one per CPU core), got {e.sandbox.workers}")
-    _require(e.sandbox.timeout_s > 0, "env.sandbox.timeout_s", f"must be > 0, got {e.sandbox.timeout_s}")
-    _require(e.sandbox.memory_mb > 0, "env.sandbox.memory_mb", f"must be > 0, got {e.sandbox.memory_mb}")
+def check_env(e: EnvConfig) -> None:
+    """The trainers' `env` block."""
+    require(e.tasks is not None and bool(e.tasks.strip()), "env.tasks",
+            "is not set: give a task source, e.g. env.tasks=synthetic or env.tasks=/data/train.parquet")
+    check_episode(e.max_turns, e.max_pixels, e.prompt, "env.")
+    check_sandbox(e.sandbox, "env.")
     check_env_options(e.tasks_options, e.judge, "env.")
 
-    _choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    _require(r.n >= 2, "rollout.n", f"must be >= 2: {a.advantage_estimator} compares the rollouts of a prompt, got {r.n}")
-    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
-    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
-    _require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
-    _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
-    _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
-    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-    _require(
-        r.max_total_tokens >= r.max_new_tokens,
-        "rollout.max_total_tokens",
-        f"{r.max_total_tokens} must be >= rollout.max_new_tokens ({r.max_new_tokens})",
-    )
-    _require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", f"must lie in (0, 1], got {r.gpu_memory_utilization}")
-    _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
-    _require(r.backend != "vllm" or r.max_images >= e.max_turns, "rollout.max_images",
-             f"{r.max_images} is fewer than an episode can show (the task's image and one per tool call over "
-             f"env.max_turns={e.max_turns} turns): raise it to at least {e.max_turns}")
 
-    _choice(a.advantage_estimator, ADVANTAGE_ESTIMATORS, "algo.advantage_estimator")
-    _require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
-    _require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
-    _require(
-        a.clip_ratio_c is None or a.clip_ratio_c > 1.0,
-        "algo.clip_ratio_c",
-        f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}",
-    )
+def check_sampling(top_p: float, top_k: int, max_new_tokens: int, max_total_tokens: int, prefix: str) -> None:
+    """Decoding and length budgets shared by training rollouts and evaluation (`<prefix>top_p`, ...)."""
+    require(0.0 < top_p <= 1.0, f"{prefix}top_p", f"must lie in (0, 1], got {top_p}")
+    require(top_k >= 0, f"{prefix}top_k", f"must be >= 0 (0 = off), got {top_k}")
+    require(max_new_tokens >= 1, f"{prefix}max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    require(max_total_tokens >= max_new_tokens, f"{prefix}max_total_tokens",
+            f"{max_total_tokens} must be >= {prefix}max_new_tokens ({max_new_tokens})")
+
+
+def check_rollout(r: RolloutConfig, e: EnvConfig, min_group: int, why: str) -> None:
+    """The `rollout` block; `rollout.n` must be at least `min_group` (`why`: what needs the group)."""
+    check_choice(r.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    require(r.n >= min_group, "rollout.n", f"must be >= {min_group}{why}, got {r.n}")
+    require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
+    require(r.val_temperature >= 0, "rollout.val_temperature", f"must be >= 0 (0 = greedy), got {r.val_temperature}")
+    check_sampling(r.top_p, r.top_k, r.max_new_tokens, r.max_total_tokens, "rollout.")
+    require(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
+            f"must lie in (0, 1], got {r.gpu_memory_utilization}")
+    require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    require(r.backend != "vllm" or r.max_images >= e.max_turns, "rollout.max_images",
+            f"{r.max_images} is fewer than an episode can show (the task's image and one per tool call over "
+            f"env.max_turns={e.max_turns} turns): raise it to at least {e.max_turns}")
+
+
+def check_optim(a: OptimConfig) -> None:
+    """AdamW and its schedule (`algo.lr`, ...)."""
+    require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
+    require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
+    require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
+    require(len(a.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in a.adam_betas), "algo.adam_betas",
+            f"must be two numbers in [0, 1), got {list(a.adam_betas)}")
+    check_choice(a.scheduler, SCHEDULERS, "algo.scheduler")
+    require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
+
+
+def check_policy_loss(a: PolicyLossConfig, r: RolloutConfig) -> None:
+    """The clipped-surrogate update and its batch sizes against the rollout's."""
+    check_optim(a)
+    require(0.0 <= a.clip_ratio_low < 1.0, "algo.clip_ratio_low", f"must lie in [0, 1), got {a.clip_ratio_low}")
+    require(a.clip_ratio_high >= 0.0, "algo.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
+    require(a.clip_ratio_c is None or a.clip_ratio_c > 1.0, "algo.clip_ratio_c",
+            f"must be > 1, or null to disable the dual clip, got {a.clip_ratio_c}")
     # The mode names live beside their math; imported here so that `algos.config` itself (which
     # the torch-free `algos.eval_config` builds on) never imports torch.
     from algos.losses import AGG_MODES, KL_KINDS
 
-    _choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
-    _require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
-    _choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
-    _require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
-    _require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
-    _require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
-    _require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
-    _require(
-        r.prompts_per_step % a.mini_batch_size == 0,
-        "algo.mini_batch_size",
-        f"{a.mini_batch_size} prompts must divide rollout.prompts_per_step ({r.prompts_per_step})",
-    )
+    check_choice(a.kl.kind, KL_KINDS, "algo.kl.kind")
+    require(a.kl.coef >= 0.0, "algo.kl.coef", f"must be >= 0 (0 = no KL, no reference model), got {a.kl.coef}")
+    check_choice(a.loss_agg, AGG_MODES, "algo.loss_agg")
+    require(a.entropy_coef >= 0.0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    require(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    require(a.mini_batch_size >= 1, "algo.mini_batch_size", f"must be >= 1, got {a.mini_batch_size}")
+    require(a.micro_batch_size >= 1, "algo.micro_batch_size", f"must be >= 1, got {a.micro_batch_size}")
+    require(r.prompts_per_step % a.mini_batch_size == 0, "algo.mini_batch_size",
+            f"{a.mini_batch_size} prompts must divide rollout.prompts_per_step ({r.prompts_per_step})")
     trajectories_per_mini_batch = a.mini_batch_size * r.n
-    _require(
-        trajectories_per_mini_batch % a.micro_batch_size == 0,
-        "algo.micro_batch_size",
-        f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
-        f"{trajectories_per_mini_batch} trajectories",
-    )
-    _require(a.grad_clip > 0, "algo.grad_clip", f"must be > 0, got {a.grad_clip}")
-    _require(a.lr > 0, "algo.lr", f"must be > 0, got {a.lr}")
-    _require(a.warmup_steps >= 0, "algo.warmup_steps", f"must be >= 0, got {a.warmup_steps}")
-    _require(a.weight_decay >= 0, "algo.weight_decay", f"must be >= 0, got {a.weight_decay}")
-    _require(
-        len(a.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in a.adam_betas),
-        "algo.adam_betas",
-        f"must be two numbers in [0, 1), got {list(a.adam_betas)}",
-    )
-    _choice(a.scheduler, SCHEDULERS, "algo.scheduler")
+    require(trajectories_per_mini_batch % a.micro_batch_size == 0, "algo.micro_batch_size",
+            f"{a.micro_batch_size} trajectories must divide a mini-batch of algo.mini_batch_size x rollout.n = "
+            f"{trajectories_per_mini_batch} trajectories")
 
-    _require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
-    for key in ("val_every", "save_every", "sample_table_every"):
+
+def check_run(t: Any, zero_means: str) -> None:
+    """The run fields every trainer's `trainer` block has (`zero_means`: what val_every=0 and
+    save_every=0 mean there); the run's length is the entry point's own check."""
+    for key in ("val_every", "save_every"):
         value = getattr(t, key)
-        _require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = never), got {value}")
-    _require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
-    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
-    _require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
-    _require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
-    _require(
-        t.resume in ("auto", "never") or bool(t.resume.strip()),
-        "trainer.resume",
-        "must be 'auto', 'never' or a checkpoint path",
-    )
+        require(value >= 0, f"trainer.{key}", f"must be >= 0 (0 = {zero_means}), got {value}")
+    require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
+    require(bool(t.output_dir.strip()), "trainer.output_dir", "is empty")
+    require(t.resume in ("auto", "never") or bool(t.resume.strip()), "trainer.resume",
+            "must be 'auto', 'never' or a checkpoint path")
 
-    _choice(lg.mode, WANDB_MODES, "logger.mode")
 
+def check_trainer(t: TrainerConfig) -> None:
+    """The RL trainers' `trainer` block."""
+    require(t.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {t.total_steps}")
+    check_run(t, "never")
+    require(t.sample_table_every >= 0, "trainer.sample_table_every", f"must be >= 0 (0 = never), got {t.sample_table_every}")
+    require(t.val_size >= 0, "trainer.val_size", f"must be >= 0, got {t.val_size}")
+    require(t.sample_table_rows >= 1, "trainer.sample_table_rows", f"must be >= 1, got {t.sample_table_rows}")
+
+
+def check_logger(lg: LoggerConfig) -> None:
+    """The `logger` block."""
+    check_choice(lg.mode, WANDB_MODES, "logger.mode")
+
+
+def check_reward(reward: dict[str, Any]) -> None:
+    """A `reward` node: the values of a `conf/reward/` preset, as `RewardConfig` reads them."""
     try:
-        RewardConfig.from_dict(dict(cfg.reward))
+        RewardConfig.from_dict(dict(reward))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config reward: {err}") from err
+
+
+def check_rl_run(cfg: Any, min_group: int, why: str = "") -> None:
+    """Every block GRPO and PPO share: model, env, rollout (at least `min_group` trajectories per
+    prompt; `why`: what needs them), the clipped-surrogate part of `algo`, trainer, logger, reward."""
+    check_model(cfg.model)
+    check_env(cfg.env)
+    check_rollout(cfg.rollout, cfg.env, min_group, why)
+    check_policy_loss(cfg.algo, cfg.rollout)
+    check_trainer(cfg.trainer)
+    check_logger(cfg.logger)
+    check_reward(cfg.reward)
 
 
 # --------------------------------------------------------------------------------------------

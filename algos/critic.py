@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.policy import Policy
+from algos.scoring import score_rows
 
 __all__ = ["ValueHead", "Critic", "token_values", "logprobs_and_values", "score_values", "load_critic"]
 
@@ -158,28 +159,19 @@ def score_values(policy: Policy, critic: Critic, trajectories: Sequence[Any], mi
                  with_logprobs: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """The critic's values (and, when asked, the policy's log-probs) of each trajectory's tokens,
     1-D and 0 off the loss mask, without gradients. A shared critic gets both from one forward."""
-    values: list[torch.Tensor] = []
-    logprobs: list[torch.Tensor] | None = [] if with_logprobs else None
-    was_training = policy.model.training, critic.training
-    policy.eval()
-    critic.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(trajectories), micro_batch_size):
-                chunk = trajectories[start:start + micro_batch_size]
-                batch = policy.collate(chunk)
-                if with_logprobs:
-                    logprobs_BT, _, values_BT = logprobs_and_values(policy, critic, batch)
-                    logprobs.extend(logprobs_BT[b, :len(t)].cpu() for b, t in enumerate(chunk))
-                elif critic.kind == "shared":
-                    values_BT = critic.values(batch, hidden_BTH=policy.hidden_states(batch))
-                else:
-                    values_BT = critic.values(batch)
-                values.extend(values_BT[b, :len(t)].cpu() for b, t in enumerate(chunk))
-    finally:
-        policy.train(was_training[0])
-        critic.train(was_training[1])
-    return values, logprobs
+    def forward(batch: dict[str, Any]) -> tuple[Tensor, ...]:
+        if with_logprobs:
+            logprobs_BT, _, values_BT = logprobs_and_values(policy, critic, batch)
+            return values_BT, logprobs_BT
+        if critic.kind == "shared":
+            return (critic.values(batch, hidden_BTH=policy.hidden_states(batch)),)
+        return (critic.values(batch),)
+
+    rows = score_rows(policy, trajectories, micro_batch_size, forward, modules=[critic])
+    values = rows[0] if rows else []
+    if not with_logprobs:
+        return values, None
+    return values, rows[1] if rows else []
 
 
 def load_critic(cfg: Any, policy: Policy, device: Any = None) -> Critic:

@@ -17,8 +17,9 @@ import contextlib
 import datetime
 import os
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,11 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_mean",
+    "all_reduce_sum",
+    "all_reduce_sums",
+    "all_reduce_max",
+    "all_reduce_gradients",
+    "gather_lists",
     "broadcast_object",
     "wrap_model",
     "fsdp2_wrap",
@@ -182,6 +188,75 @@ def all_reduce_mean(metrics: Mapping[str, float]) -> dict[str, float]:
     if tensor[-1].item() != checksum * world:
         raise RuntimeError(f"all_reduce_mean: ranks passed different metric names (this rank: {keys}); log the same keys on every rank")
     return dict(zip(keys, (tensor[:-1] / world).tolist()))
+
+
+def all_reduce_sum(value: float) -> float:
+    """The sum of a scalar over all ranks, in float64 (every rank gets it); the value itself in one process."""
+    return all_reduce_sums([value])[0]
+
+
+def all_reduce_sums(values: Sequence[float]) -> list[float]:
+    """Element-wise sums of a list of scalars over all ranks, in float64, in one collective (every
+    rank passes as many values, in the same order); the values themselves in one process."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of an integer over all ranks (every rank gets it); the value itself in one process."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_reduce_gradients(params: Sequence[torch.Tensor], bucket_bytes: int = 256 * 2**20) -> None:
+    """Average gradients over data-parallel ranks (a parameter without a gradient counts as 0).
+
+    For models that are not wrapped in DDP/FSDP (whose hooks already reduce): every rank must
+    call it with the same parameters in the same order. Gradients travel in flat buckets of
+    about `bucket_bytes` (one collective per bucket, not per tensor). No-op in one process.
+    """
+    if not is_distributed():
+        return
+    world = get_world_size()
+    grads = []
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[]])
+    for grad in grads:
+        bucket = buckets[(grad.dtype, grad.device)]
+        if bucket[-1] and sum(g.numel() * g.element_size() for g in bucket[-1]) >= bucket_bytes:
+            bucket.append([])
+        bucket[-1].append(grad)
+    for bucket_list in buckets.values():
+        for bucket in bucket_list:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+
+def gather_lists(items: Sequence[Any]) -> list[Any]:
+    """Concatenate every rank's list of picklable items, in rank order (on every rank).
+
+    For per-episode summaries, whose metric names (categories, ops) differ between ranks and so
+    cannot be averaged key by key. Returns the list unchanged in one process.
+    """
+    if not is_distributed():
+        return list(items)
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for rank_items in gathered for item in rank_items]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -10,8 +10,8 @@ same groups as the trainers' (`conf/model/`, `conf/reward/`, `conf/logger/`).
 model an OpenAI-compatible `endpoint` serves; no torch needed) name no file of `conf/model/`, so
 `normalize_overrides` turns them into `model.path=<spec>`.
 
-The sandbox and logger nodes are the trainers' own (`algos.config`, which imports no torch), so
-evaluating scripted agents needs only the environment's dependencies plus Hydra.
+The model, sandbox and logger blocks and every check are the trainers' own (`algos.config`, which
+imports no torch), so evaluating scripted agents needs only the environment's dependencies plus Hydra.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 
 from agents.openai_backend import MODEL_PREFIX, TOOL_MODES, OpenAIConfig
-from agents.templates import TOOL_RESPONSE_FORMATS
-from algos.config import (ConfigError, LoggerConfig, SandboxConfig, check_env_options, conf_dir, default_judge,
-                          default_reward, default_task_options, load_config)
-from cv_env.protocol import PROMPTS
+from algos.config import (ConfigError, LoggerConfig, ModelConfig, SandboxConfig, check_env_options, check_episode,
+                          check_logger, check_model, check_reward, check_sampling, check_sandbox, conf_dir,
+                          default_judge, default_reward, default_task_options, load_config, require)
 from cv_env.reward import RewardConfig
 
 __all__ = ["EvalConfig", "EvalModelConfig", "SCRIPTED_AGENTS", "normalize_overrides", "load_eval_config"]
@@ -44,23 +43,12 @@ def default_served() -> dict[str, Any]:
 
 
 @dataclass
-class EvalModelConfig:
-    """What is evaluated: `path` is a scripted agent (oracle | random), `openai:<name>` (a served
-    model, at the config's `endpoint`) or an `agents.loading` spec.
+class EvalModelConfig(ModelConfig):
+    """What is evaluated: the trainers' `model` block (same `conf/model/` presets, same checks),
+    whose `path` may also name a scripted agent (oracle | random) or `openai:<name>` (a served
+    model, at the config's `endpoint`). `lora` (with `enabled: true`) rebuilds the adapters a
+    checkpoint was trained with."""
 
-    The other keys mirror the trainers' `model/` group so its presets compose here. `lora` (with
-    `enabled: true`) rebuilds the adapters a checkpoint was trained with; gradient_checkpointing and
-    freeze_vision are training-only and ignored.
-    """
-
-    path: str = "tiny:qwen2_5_vl"
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    freeze_vision: bool = False
-    lora: dict[str, Any] = field(default_factory=dict)
-    chat_template: Optional[str] = None  # None: the checkpoint's own; a built-in name or a .jinja path
-    tool_response_format: str = "codevision"  # tool replies: codevision (CodeVision SFT layout) | default
     tool_mode: str = "native"  # served models: native (schema as `tools`, `tool_calls` replies) | prompt (as text)
 
     @property
@@ -73,11 +61,17 @@ class EvalModelConfig:
         return self.path.startswith(MODEL_PREFIX)
 
 
+def default_eval_model() -> EvalModelConfig:
+    """The tiny CPU model, as `conf/model/tiny.yaml` gives it."""
+    return EvalModelConfig(path="tiny:qwen2_5_vl", dtype="float32", gradient_checkpointing=False)
+
+
 @dataclass
 class EvalConfig:
-    """Everything `python -m algos.evaluate` reads (see conf/evaluate.yaml for each key)."""
+    """Everything `python -m algos.evaluate` reads (see conf/evaluate.yaml for each key). A new
+    setting is a field here, its line in conf/evaluate.yaml, and its check in `__post_init__`."""
 
-    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    model: EvalModelConfig = field(default_factory=default_eval_model)
     checkpoint: Optional[str] = None
     tasks: str = "synthetic"
     split: str = "test"
@@ -112,14 +106,7 @@ class EvalConfig:
     served: dict[str, Any] = field(default_factory=default_served)
 
     def __post_init__(self) -> None:
-        def require(ok: bool, key: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"config {key}: {message}")
-
-        require(bool(self.model.path.strip()), "model.path",
-                "is empty: give oracle, random, tiny:<family>, a hub id or a local folder")
-        require(self.model.tool_response_format in TOOL_RESPONSE_FORMATS, "model.tool_response_format",
-                f"{self.model.tool_response_format!r} is not one of {', '.join(TOOL_RESPONSE_FORMATS)}")
+        check_model(self.model, extra_specs="oracle, random, openai:<name>, ")
         require(self.model.tool_mode in TOOL_MODES, "model.tool_mode",
                 f"{self.model.tool_mode!r} is not one of {', '.join(TOOL_MODES)}")
         require(self.checkpoint is None or not self.model.served, "checkpoint",
@@ -139,24 +126,14 @@ class EvalConfig:
         require(self.samples == 1 or self.temperature > 0 or self.model.scripted, "samples",
                 f"{self.samples} samples of greedy decoding would all be the same: set temperature > 0 "
                 "(e.g. temperature=1.0) or samples=1")
-        require(0 < self.top_p <= 1, "top_p", f"must lie in (0, 1], got {self.top_p}")
-        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(self.max_total_tokens >= self.max_new_tokens, "max_total_tokens",
-                f"{self.max_total_tokens} must be >= max_new_tokens ({self.max_new_tokens})")
+        check_sampling(self.top_p, self.top_k, self.max_new_tokens, self.max_total_tokens, "")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
-        require(self.max_pixels >= 28 * 28, "max_pixels", f"must be >= 784 (one 28x28 patch), got {self.max_pixels}")
-        require(self.prompt in PROMPTS, "prompt", f"must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
+        check_episode(self.max_turns, self.max_pixels, self.prompt, "")
         require(self.cases >= 0, "cases", f"must be >= 0 (0 = no viewer pages), got {self.cases}")
-        require(self.sandbox.workers >= 0, "sandbox.workers", f"must be >= 0 (0 = one per core), got {self.sandbox.workers}")
-        require(self.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
-                f"{self.logger.mode!r} is not one of auto, online, offline, disabled")
+        check_sandbox(self.sandbox, "")
+        check_logger(self.logger)
         require(bool(self.output_dir.strip()), "output_dir", "is empty")
-        try:
-            RewardConfig.from_dict(dict(self.reward))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"config reward: {err}") from err
+        check_reward(self.reward)
         check_env_options(self.tasks_options, self.judge, "")
         unknown = sorted(set(self.served) - set(SERVED_TRANSPORT))
         require(not unknown, "served", f"unknown key(s) {unknown}; it takes {', '.join(SERVED_TRANSPORT)}")

@@ -183,9 +183,7 @@ def load_policy(cfg: EvalConfig):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    lora = None
-    if cfg.checkpoint and cfg.model.lora.get("enabled"):
-        lora = {k: v for k, v in cfg.model.lora.items() if k != "enabled"}
+    lora = cfg.model.lora.adapter_kwargs() if cfg.checkpoint else None  # adapters the checkpoint fills
     policy = Policy.load(cfg.model.path, dtype=cfg.model.dtype, device=device,
                          attn_implementation=cfg.model.attn_implementation, lora=lora,
                          chat_template=cfg.model.chat_template, tool_response_format=cfg.model.tool_response_format)

@@ -17,8 +17,9 @@ with DAPO's clip-higher, over-long masking and dynamic sampling (Yu et al. 2025)
 Under `torchrun` every rank rolls out and trains on its own prompts; gradients are averaged and
 rank 0 logs. With `trainer.fsdp=true` the policy is sharded over the ranks with FSDP2: rollouts
 and scoring run on gathered weights (`fsdp2_gathered`), the updates in lock-step. The pieces GRPO
-shares with PPO live in `algos.rollouts` (before the algorithm) and `algos.train_step` (the
-optimizer side). Configuration: `conf/grpo.yaml` (every key commented) and `algos/config.py`.
+shares with PPO live in `algos.rollouts` (before the algorithm), `algos.run` (the run's set-up,
+resume, checkpoints and summary) and `algos.update` (the optimizer step). Configuration:
+`conf/grpo.yaml` (every key commented) and `algos/config.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -34,20 +34,13 @@ import torch
 from agents.policy import Policy
 from agents.rollout import Trajectory
 from algos.advantages import grpo_advantages, rloo_advantages
-from algos.checkpoint import finished_run, list_checkpoints, load_checkpoint, plan_resume, save_checkpoint
+from algos.batching import group_minibatches, pad_rows
 from algos.cli import hydra_main
-from algos.config import GRPOConfig, config_to_dict
-from algos.distributed import (
-    all_reduce_mean,
-    destroy_distributed,
-    fsdp2_gathered,
-    fsdp2_wrap,
-    get_world_size,
-    init_distributed,
-    is_fsdp2,
-    is_main,
-)
+from algos.config import GRPOConfig
+from algos.distributed import all_reduce_mean, fsdp2_gathered, fsdp2_wrap, gather_lists, get_world_size, is_fsdp2, is_main
 from algos.losses import aggregate, kl_penalty, policy_loss
+from algos.optim import build_optimizer, build_scheduler
+from algos.prompt_sampler import PromptSampler
 from algos.rollouts import (
     check_rollout_backend,
     group_index,
@@ -61,20 +54,9 @@ from algos.rollouts import (
     step_metrics,
     validate,
 )
-from algos.tracking import Tracker, print_run_summary, say
-from algos.train_step import (
-    PromptSampler,
-    build_optimizer,
-    build_scheduler,
-    gather_lists,
-    group_minibatches,
-    load_policy,
-    mean_metrics,
-    pad_rows,
-    score_trajectories,
-    seed_everything,
-    update_step,
-)
+from algos.run import due, finish, finished, load_policy, load_reference, open_tracker, resume, save, start_run, timed
+from algos.scoring import score_trajectories
+from algos.update import mean_metrics, update_step
 
 __all__ = ["run", "main", "compute_advantages", "grpo_update"]
 
@@ -214,65 +196,48 @@ def _or_empty(row: torch.Tensor | None) -> torch.Tensor:
 
 def run(cfg: GRPOConfig) -> dict[str, Any]:
     """Train with GRPO as `cfg` says; returns a summary (steps, paths, last metrics)."""
-    dist_info = init_distributed()
-    rank, world = dist_info.rank, dist_info.world_size
     r, a, t = cfg.rollout, cfg.algo, cfg.trainer
-    for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("algo.mini_batch_size", a.mini_batch_size)):
-        if value % world:
-            raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
     check_rollout_backend(r)  # fail before loading the weights, not after
-    output_dir = Path(t.output_dir)
-    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), t.total_steps)  # a changed config stops here
-    if point.finished:
-        destroy_distributed()
-        return finished_run("GRPO", point, output_dir)
-    seed_everything(t.seed + rank)
+    start = start_run(cfg, t.total_steps, shares={"rollout.prompts_per_step": r.prompts_per_step,
+                                                  "algo.mini_batch_size": a.mini_batch_size})
+    if start.point.finished:
+        return finished(start, "GRPO")
+    rank, world = start.rank, start.world
 
     # ---- policy, reference, optimizer -------------------------------------------------------
     # trainer.fsdp: FSDP2 shards the policy over the ranks and reduces its gradients itself;
     # otherwise each rank holds a full replica and `update_step` averages the gradients.
-    policy = load_policy(cfg, dist_info.device)
+    policy = load_policy(cfg, start.device)
     if t.fsdp and world > 1:
         fsdp2_wrap(policy.model, mixed_precision=None)  # the weights keep model.dtype, as unsharded
     # Rollouts and scoring run a different number of forwards on each rank: on gathered weights.
     # vLLM samples from its own copy of the weights: its rollouts need no gathered policy.
     gathered = functools.partial(fsdp2_gathered, policy.model)
     sampling_weights = gathered if r.backend == "hf" else contextlib.nullcontext
-    reference = None
-    if a.kl.coef > 0:
-        reference = policy if policy.is_peft else load_policy(cfg, dist_info.device, trainable=False)
+    reference = load_reference(cfg, policy, start.device)
     optimizer = build_optimizer(policy.named_parameters(), a)
     updates_per_step = a.ppo_epochs * (r.prompts_per_step // a.mini_batch_size)
     scheduler = build_scheduler(optimizer, a, t.total_steps * updates_per_step)
 
-    # ---- data ---------------------------------------------------------------------------------
+    # ---- data, then where a resumed run stood -------------------------------------------------
     train_tasks, val_tasks = load_task_splits(cfg)
     sampler = PromptSampler(len(train_tasks), seed=t.seed)
+    start_step = resume(start, policy.model, optimizer, scheduler, sampler)
 
-    # ---- resume -------------------------------------------------------------------------------
-    start_step, resumed_from = 0, None
-    checkpoint = point.checkpoint
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
-        start_step, resumed_from = state.step, state.path
-        sampler.load_state_dict(state.data_state)
-    cleanup = contextlib.ExitStack()  # closes whatever was opened, however the run ends
-    try:
-        tracker = cleanup.enter_context(Tracker(
-            cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
-            resume_step=start_step if checkpoint is not None else None))
-        if resumed_from is not None and is_main():
-            say(f"resuming from {resumed_from} (step {start_step})")
-
-        engine, val_engine = open_engines(cfg, policy, cleanup, resumed=checkpoint is not None)
+    last_metrics: dict[str, float] = {}
+    step = start_step
+    with contextlib.ExitStack() as cleanup:  # closes whatever was opened, however the run ends
+        tracker = open_tracker(cfg, start, cleanup, t.total_steps, start_step)
+        engine, val_engine = open_engines(cfg, policy, cleanup, resumed=start.point.checkpoint is not None)
         val_chunk = max(1, r.prompts_per_step * r.n // world)
         reward_cfg = cfg.reward_config()
-        summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resumed_from) if resumed_from else None}
-        last_metrics: dict[str, float] = {}
-        step = start_step
-        if t.val_before_train and start_step == 0 and val_tasks:
+
+        def validation() -> dict[str, float]:
             with sampling_weights():
-                val_metrics = validate(val_engine, val_tasks, val_chunk, seed=t.seed)
+                return validate(val_engine, val_tasks, val_chunk, seed=t.seed)
+
+        if t.val_before_train and start_step == 0 and val_tasks:
+            val_metrics = validation()
             tracker.log(val_metrics, step=0)
             last_metrics.update(val_metrics)
 
@@ -342,34 +307,16 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                 rows, images = sample_table(policy.tokenizer, policy.image_token_id, trajectories,
                                             rewards_G.tolist(), advantages_G.tolist(), t.sample_table_rows)
                 tracker.log_table("samples/train", rows, images, step=step)
-            if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
-                val_start = time.perf_counter()
-                with sampling_weights():
-                    metrics.update(validate(val_engine, val_tasks, val_chunk, seed=t.seed))
-                metrics["time/validation"] = time.perf_counter() - val_start
+            if t.val_every and due(step, t.val_every, t.total_steps) and val_tasks:
+                metrics.update(timed("time/validation", validation))
             tracker.log(metrics, step=step)
             last_metrics.update(metrics)
-            if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
-                save_checkpoint(output_dir, step, policy.model, optimizer, scheduler,
-                                data_state=sampler.state_dict(), extra={"config": config_to_dict(cfg)},
-                                keep_last=t.keep_last)
-    finally:
-        cleanup.close()
+            if due(step, t.save_every, t.total_steps):
+                save(cfg, step, policy.model, optimizer, scheduler, sampler)
 
-    checkpoints = list_checkpoints(output_dir)
-    summary.update(
-        steps=step,
-        metrics_path=str(tracker.metrics_path) if tracker.metrics_path else None,
-        checkpoint=str(checkpoints[-1]) if checkpoints else None,
-        wandb_mode=tracker.mode,
-        last_metrics=last_metrics,
-    )
-    if is_main():
-        print_run_summary("GRPO", summary, ("reward/total", "val/acc", "actor/kl", "actor/loss"),
-                          "the same command resumes from it; raise trainer.total_steps to train on",
-                          [f"  samples:       {summary['output_dir']}/tables/ (trajectories with their images)"])
-    destroy_distributed()
-    return summary
+    return finish(start, "GRPO", tracker, step, last_metrics, ("reward/total", "val/acc", "actor/kl", "actor/loss"),
+                  "the same command resumes from it; raise trainer.total_steps to train on",
+                  [f"  samples:       {start.output_dir}/tables/ (trajectories with their images)"])
 
 
 @hydra_main("grpo")

@@ -17,9 +17,9 @@ to it. One step:
        gradient clipping. During the first critic.warmup_steps steps only the critic trains.
     7. new weights to the generator; log, validate, checkpoint (policy and critic)
 
-Everything shared with GRPO (rollouts, losses, optimizer step, metrics, checkpoints) is the same
-code: the runs log the same names plus critic/*. Configuration: `conf/ppo.yaml` (every key
-commented) and `algos/ppo_config.py`.
+Everything shared with GRPO (rollouts, losses, optimizer step, metrics, the run's set-up, resume,
+checkpoints and summary in `algos.run`) is the same code: the runs log the same names plus
+critic/*. Configuration: `conf/ppo.yaml` (every key commented) and `algos/ppo_config.py`.
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ import torch
 from agents.policy import Policy
 from agents.rollout import Trajectory
 from algos.advantages import gae_advantages, whiten
-from algos.checkpoint import (finished_run, is_complete, list_checkpoints, load_checkpoint, plan_resume,
-                              save_checkpoint)
+from algos.batching import group_minibatches, pad_rows
+from algos.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from algos.cli import hydra_main
-from algos.config import config_to_dict
 from algos.critic import Critic, load_critic, logprobs_and_values, score_values
-from algos.distributed import all_reduce_mean, destroy_distributed, get_world_size, init_distributed, is_main
+from algos.distributed import all_reduce_mean, get_world_size, is_main
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
+from algos.optim import build_optimizer, build_scheduler
 from algos.ppo_config import PPOConfig
+from algos.prompt_sampler import PromptSampler
 from algos.rollouts import (
     check_rollout_backend,
     group_reward_terms,
@@ -53,20 +54,9 @@ from algos.rollouts import (
     step_metrics,
     validate,
 )
-from algos.tracking import Tracker, print_run_summary, say
-from algos.train_step import (
-    PromptSampler,
-    build_optimizer,
-    build_scheduler,
-    group_minibatches,
-    load_policy,
-    mean_metrics,
-    optimizer_step,
-    pad_rows,
-    score_trajectories,
-    seed_everything,
-    update_step,
-)
+from algos.run import due, finish, finished, load_policy, load_reference, open_tracker, resume, save, start_run, timed
+from algos.scoring import score_trajectories
+from algos.update import mean_metrics, optimizer_step, update_step
 
 __all__ = ["run", "main", "token_advantages", "ppo_update", "critic_checkpoint_path"]
 
@@ -284,68 +274,48 @@ def critic_checkpoint_path(policy_checkpoint: str | Path) -> Path:
 
 def run(cfg: PPOConfig) -> dict[str, Any]:
     """Train with PPO as `cfg` says; returns a summary (steps, paths, last metrics)."""
-    dist_info = init_distributed()
-    rank, world = dist_info.rank, dist_info.world_size
     r, a, c, t = cfg.rollout, cfg.algo, cfg.critic, cfg.trainer
-    for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("algo.mini_batch_size", a.mini_batch_size)):
-        if value % world:
-            raise ValueError(f"{key}={value} must be divisible by the number of ranks ({world}): each rank takes an equal share")
-    if t.fsdp and world > 1:
-        raise ValueError("trainer.fsdp=true is supported by algos.grpo only: PPO keeps a full policy and critic on "
-                         "every rank; set trainer.fsdp=false")
     check_rollout_backend(r)  # fail before loading the weights, not after
-    output_dir = Path(t.output_dir)
-    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), t.total_steps)  # a changed config stops here
-    if point.finished:
-        destroy_distributed()
-        return finished_run("PPO", point, output_dir)
-    seed_everything(t.seed + rank)
+    start = start_run(cfg, t.total_steps, shares={"rollout.prompts_per_step": r.prompts_per_step,
+                                                  "algo.mini_batch_size": a.mini_batch_size})
+    if start.point.finished:
+        return finished(start, "PPO")
+    rank, world = start.rank, start.world
 
     # ---- policy, critic, reference, optimizers -------------------------------------------------
-    policy = load_policy(cfg, dist_info.device)
-    critic = load_critic(cfg, policy, dist_info.device)
-    reference = None
-    if a.kl.coef > 0:
-        reference = policy if policy.is_peft else load_policy(cfg, dist_info.device, trainable=False)
+    policy = load_policy(cfg, start.device)
+    critic = load_critic(cfg, policy, start.device)
+    reference = load_reference(cfg, policy, start.device)
     updates_per_step = a.ppo_epochs * (r.prompts_per_step // a.mini_batch_size)
-    actor_optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
+    actor_optimizer = build_optimizer(policy.named_parameters(), a)
     # The policy's schedule starts after the critic warm-up, when it first steps.
-    actor_scheduler = build_scheduler(actor_optimizer, cfg.algo, (t.total_steps - c.warmup_steps) * updates_per_step)
-    critic_optimizer = build_optimizer(critic.named_parameters(), cfg.critic_algo())
-    critic_scheduler = build_scheduler(critic_optimizer, cfg.critic_algo(), t.total_steps * updates_per_step)
+    actor_scheduler = build_scheduler(actor_optimizer, a, (t.total_steps - c.warmup_steps) * updates_per_step)
+    critic_optim = cfg.critic_optim()
+    critic_optimizer = build_optimizer(critic.named_parameters(), critic_optim)
+    critic_scheduler = build_scheduler(critic_optimizer, critic_optim, t.total_steps * updates_per_step)
 
-    # ---- data ---------------------------------------------------------------------------------
+    # ---- data, then where a resumed run stood: the policy's checkpoint, then its critic --------
     train_tasks, val_tasks = load_task_splits(cfg)
     sampler = PromptSampler(len(train_tasks), seed=t.seed)
-
-    # ---- resume: the policy's checkpoint, then its critic -------------------------------------
-    start_step, resumed_from = 0, None
-    checkpoint = point.checkpoint
-    if checkpoint is not None:
-        critic_checkpoint = critic_checkpoint_path(checkpoint)
+    critic_checkpoint = None
+    if start.point.checkpoint is not None:
+        critic_checkpoint = critic_checkpoint_path(start.point.checkpoint)
         if not is_complete(critic_checkpoint):
             raise FileNotFoundError(
-                f"{checkpoint} has no critic at {critic_checkpoint}: it was not written by algos.ppo (a GRPO or SFT "
-                "checkpoint starts a PPO run as model.path=<its weights>, not as trainer.resume)"
+                f"{start.point.checkpoint} has no critic at {critic_checkpoint}: it was not written by algos.ppo (a "
+                "GRPO or SFT checkpoint starts a PPO run as model.path=<its weights>, not as trainer.resume)"
             )
-        state = load_checkpoint(checkpoint, policy.model, actor_optimizer, actor_scheduler)
+    start_step = resume(start, policy.model, actor_optimizer, actor_scheduler, sampler)
+    if critic_checkpoint is not None:
         load_checkpoint(critic_checkpoint, critic, critic_optimizer, critic_scheduler, restore_rng=False)
-        start_step, resumed_from = state.step, state.path
-        sampler.load_state_dict(state.data_state)
-    cleanup = contextlib.ExitStack()  # closes whatever was opened, however the run ends
-    try:
-        tracker = cleanup.enter_context(Tracker(
-            cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=t.total_steps,
-            resume_step=start_step if checkpoint is not None else None))
-        if resumed_from is not None and is_main():
-            say(f"resuming from {resumed_from} (step {start_step})")
 
-        engine, val_engine = open_engines(cfg, policy, cleanup, resumed=checkpoint is not None)
+    last_metrics: dict[str, float] = {}
+    step = start_step
+    with contextlib.ExitStack() as cleanup:  # closes whatever was opened, however the run ends
+        tracker = open_tracker(cfg, start, cleanup, t.total_steps, start_step)
+        engine, val_engine = open_engines(cfg, policy, cleanup, resumed=start.point.checkpoint is not None)
         val_chunk = max(1, r.prompts_per_step * r.n // world)
         reward_cfg = cfg.reward_config()
-        summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resumed_from) if resumed_from else None}
-        last_metrics: dict[str, float] = {}
-        step = start_step
         if t.val_before_train and start_step == 0 and val_tasks:
             val_metrics = validate(val_engine, val_tasks, val_chunk, seed=t.seed)
             tracker.log(val_metrics, step=0)
@@ -367,8 +337,8 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             # 3. group terms, and which trajectories enter the losses
             adjustments = group_reward_terms(trajectories, reward_cfg)
             rewards_G = torch.tensor([tr.reward + adj for tr, adj in zip(trajectories, adjustments)], dtype=torch.float32)
-            keep = [i for i, k in enumerate(loss_keep_mask(trajectories, rewards_G, a.mask_truncated, False)) if k]
-            kept = [trajectories[i] for i in keep]
+            keep = loss_keep_mask(trajectories, rewards_G, a.mask_truncated, False)
+            kept = [tr for tr, k in zip(trajectories, keep) if k]
 
             # 4. values at rollout time (and the policy's own log-probs when another engine sampled:
             #    its numerics differ, and the ratio must start at 1), the reference's log-probs
@@ -385,8 +355,9 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                       for b, ref, tr in zip(behaviour, ref_logprobs, kept)]
 
             # 5. GAE over the sampled tokens, with the dense turn rewards where they were earned
+            kept_adjustments = [adj for adj, k in zip(adjustments, keep) if k]
             advantages, returns = token_advantages(kept, old_values, a.gamma, a.lam,
-                                                   adjustments=[adjustments[i] for i in keep], kl=kl, kl_coef=a.kl.coef)
+                                                   adjustments=kept_adjustments, kl=kl, kl_coef=a.kl.coef)
             masks = [torch.tensor(tr.loss_mask, dtype=torch.bool) for tr in kept]
             critic_metrics = _gae_metrics(old_values, advantages, returns, masks)
             if a.whiten_advantages and kept:
@@ -405,7 +376,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 engine.update_weights(policy.model)
             timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             metrics = {
-                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, len(keep)),
+                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, sum(keep)),
                 **all_reduce_mean({**update_metrics, **critic_metrics}),
                 "time/step": time.perf_counter() - step_start,
                 "data/critic_warmup": float(not train_policy),
@@ -415,43 +386,25 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 kl_per_token = float(sum(k.sum() for k in kl)) / max(1, sum(tr.num_sampled_tokens for tr in kept))
                 metrics["actor/kl"] = all_reduce_mean({"kl": kl_per_token})["kl"]
             if t.sample_table_every and step % t.sample_table_every == 0 and is_main():
-                # One figure per row: the mean advantage over the trajectory's sampled tokens.
-                row_advantages = [0.0] * len(trajectories)
-                for i, adv, mask in zip(keep, advantages, masks):
-                    row_advantages[i] = float(adv[mask].mean()) if mask.any() else 0.0
+                # One figure per row: the mean advantage over the trajectory's sampled tokens (0 if not kept).
+                kept_means = iter([float(adv[mask].mean()) if mask.any() else 0.0 for adv, mask in zip(advantages, masks)])
+                row_advantages = [next(kept_means) if k else 0.0 for k in keep]
                 rows, images = sample_table(policy.tokenizer, policy.image_token_id, trajectories,
                                             rewards_G.tolist(), row_advantages, t.sample_table_rows)
                 tracker.log_table("samples/train", rows, images, step=step)
-            if t.val_every and (step % t.val_every == 0 or step == t.total_steps) and val_tasks:
-                val_start = time.perf_counter()
-                metrics.update(validate(val_engine, val_tasks, val_chunk, seed=t.seed))
-                metrics["time/validation"] = time.perf_counter() - val_start
+            if t.val_every and due(step, t.val_every, t.total_steps) and val_tasks:
+                metrics.update(timed("time/validation", lambda: validate(val_engine, val_tasks, val_chunk, seed=t.seed)))
             tracker.log(metrics, step=step)
             last_metrics.update(metrics)
-            if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
+            if due(step, t.save_every, t.total_steps):
                 # The critic first: a complete policy checkpoint then always has its critic beside it.
-                save_checkpoint(output_dir / "critic", step, critic, critic_optimizer, critic_scheduler,
+                save_checkpoint(start.output_dir / "critic", step, critic, critic_optimizer, critic_scheduler,
                                 keep_last=t.keep_last)
-                save_checkpoint(output_dir, step, policy.model, actor_optimizer, actor_scheduler,
-                                data_state=sampler.state_dict(), extra={"config": config_to_dict(cfg)},
-                                keep_last=t.keep_last)
-    finally:
-        cleanup.close()
+                save(cfg, step, policy.model, actor_optimizer, actor_scheduler, sampler)
 
-    checkpoints = list_checkpoints(output_dir)
-    summary.update(
-        steps=step,
-        metrics_path=str(tracker.metrics_path) if tracker.metrics_path else None,
-        checkpoint=str(checkpoints[-1]) if checkpoints else None,
-        wandb_mode=tracker.mode,
-        last_metrics=last_metrics,
-    )
-    if is_main():
-        print_run_summary("PPO", summary, ("reward/total", "val/acc", "actor/kl", "actor/loss", "critic/value_loss",
-                                           "critic/explained_variance"),
-                          "critic beside it under critic/; the same command resumes")
-    destroy_distributed()
-    return summary
+    return finish(start, "PPO", tracker, step, last_metrics,
+                  ("reward/total", "val/acc", "actor/kl", "actor/loss", "critic/value_loss", "critic/explained_variance"),
+                  "critic beside it under critic/; the same command resumes")
 
 
 @hydra_main("ppo")

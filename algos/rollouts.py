@@ -25,8 +25,7 @@ import torch
 
 from agents.policy import Policy
 from agents.rollout import RolloutEngine, Trajectory
-from algos.distributed import all_reduce_mean, get_rank, get_world_size
-from algos.train_step import gather_lists
+from algos.distributed import all_reduce_mean, gather_lists, get_rank, get_world_size
 from cv_env.judge import judge_metrics, make_judge
 from cv_env.reward import RewardConfig, apply_necessity
 from cv_env.sandbox import Sandbox

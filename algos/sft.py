@@ -7,7 +7,7 @@ end-of-turn token); prompts, tool replies and images only condition. One step:
 
     1. draw `algo.batch_size` examples (a seeded permutation per epoch; each rank its share)
     2. split them into micro-batches (fixed size, or by padded tokens with `algo.packing`)
-    3. gradient accumulation with exact token-mean weights (`algos.train_step.update_step`),
+    3. gradient accumulation with exact token-mean weights (`algos.update.update_step`),
        grad clip, AdamW, LR schedule
     4. log; every `val_every` steps the validation loss; every `save_every` steps a resumable
        checkpoint plus a Hugging Face folder `<output_dir>/hf/step_<n>/` that GRPO starts from:
@@ -21,6 +21,7 @@ oracle before training when `data.oracle.tasks` is set. Configuration: `conf/sft
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -33,17 +34,18 @@ import torch
 
 from agents.policy import Policy
 from agents.trajectory import Trajectory
-from algos.checkpoint import finished_run, list_checkpoints, load_checkpoint, plan_resume, save_checkpoint
 from algos.cli import hydra_main
-from algos.config import config_to_dict
-from algos.distributed import all_reduce_mean, barrier, destroy_distributed, init_distributed, is_main
+from algos.distributed import all_reduce_mean, barrier, is_main
+from algos.optim import build_optimizer, build_scheduler
+from algos.prompt_sampler import PromptSampler
+from algos.run import due, finish, finished, load_policy, open_tracker, resume, save, start_run, timed
 from algos.sft_config import SFTConfig
 from algos.sft_data import SFTExamples, build_examples, micro_batches, read_records
-from algos.tracking import Tracker, print_run_summary, say
-from algos.train_step import PromptSampler, build_optimizer, build_scheduler, seed_everything, update_step
+from algos.tracking import say
+from algos.update import update_step
 from cv_env.protocol import get_prompt
 
-__all__ = ["run", "main", "load_sft_policy", "prepare_data", "sft_loss", "validation_loss", "export_hf",
+__all__ = ["run", "main", "prepare_data", "sft_loss", "validation_loss", "export_hf",
            "HF_DIR"]
 
 HF_DIR = "hf"  # <output_dir>/hf/step_<n>/: the Hugging Face folders GRPO and evaluation load
@@ -178,20 +180,8 @@ def validation_loss(policy: Policy, examples: SFTExamples | Sequence[Trajectory]
 
 
 # --------------------------------------------------------------------------------------------
-# The policy and its Hugging Face export
+# The Hugging Face export
 # --------------------------------------------------------------------------------------------
-
-
-def load_sft_policy(cfg: SFTConfig, device: Any = "cpu") -> Policy:
-    """The trainable policy of `cfg.model` (LoRA adapters and a frozen vision tower when asked)."""
-    m = cfg.model
-    lora = None
-    if m.lora.enabled:
-        lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout,
-                "target_modules": list(m.lora.target_modules)}
-    return Policy.load(m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-                       gradient_checkpointing=m.gradient_checkpointing, lora=lora, freeze_vision=m.freeze_vision,
-                       chat_template=m.chat_template, tool_response_format=m.tool_response_format)
 
 
 def _core(model):
@@ -259,44 +249,31 @@ def _prune_exports(root: Path, step: int, keep_last: int) -> None:
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns a summary (steps, paths of the checkpoint and the HF folder,
     last metrics)."""
-    dist_info = init_distributed()
-    rank, world = dist_info.rank, dist_info.world_size
     a, t = cfg.algo, cfg.trainer
-    output_dir = Path(t.output_dir)
-    point = plan_resume(t.resume, output_dir, config_to_dict(cfg), None)  # a changed config stops here
-    seed_everything(t.seed + rank)
+    start = start_run(cfg, None)  # the run's length is known once the data is read
+    rank, world = start.rank, start.world
+    output_dir = start.output_dir
 
-    policy = load_sft_policy(cfg, dist_info.device)
+    policy = load_policy(cfg, start.device)
     train, val, data_figures = prepare_data(cfg, policy, output_dir)
     steps_per_epoch = math.ceil(len(train) / a.batch_size)
     total_steps = t.total_steps or t.epochs * steps_per_epoch
-    if point.checkpoint is not None and point.step >= total_steps:
-        destroy_distributed()
-        return finished_run("SFT", point, output_dir)
+    if start.point.checkpoint is not None and start.point.step >= total_steps:
+        return finished(start, "SFT")
     optimizer = build_optimizer(policy.named_parameters(), a)
     scheduler = build_scheduler(optimizer, a, total_steps)
     sampler = PromptSampler(len(train), seed=t.seed)
-
-    start_step, resumed_from = 0, None
-    checkpoint = point.checkpoint
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy.model, optimizer, scheduler)
-        start_step, resumed_from = state.step, state.path
-        sampler.load_state_dict(state.data_state)
-    tracker = Tracker(cfg.logger, output_dir, run_config=config_to_dict(cfg), total_steps=total_steps,
-                      resume_step=start_step if checkpoint is not None else None)
-    if is_main():
-        say(f"SFT on {len(train)} examples ({int(data_figures['data/assistant_tokens'])} assistant tokens), "
-            f"{len(val) if val else 0} for validation; {total_steps} steps of {a.batch_size}"
-            + (f"; resuming from {resumed_from} (step {start_step})" if resumed_from else ""))
+    start_step = resume(start, policy.model, optimizer, scheduler, sampler)
 
     params = list(policy.parameters())
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "total_steps": total_steps,
-                               "resumed_from": str(resumed_from) if resumed_from else None}
     last_metrics: dict[str, float] = {}
     hf_path: Path | None = None
     step = start_step
-    try:
+    with contextlib.ExitStack() as cleanup:  # closes the tracker, however the run ends
+        tracker = open_tracker(cfg, start, cleanup, total_steps, start_step)
+        if is_main():
+            say(f"SFT on {len(train)} examples ({int(data_figures['data/assistant_tokens'])} assistant tokens), "
+                f"{len(val) if val else 0} for validation; {total_steps} steps of {a.batch_size}")
         if t.val_before_train and start_step == 0 and val:
             first = {**validation_loss(policy, val, cfg, rank, world), **data_figures}
             tracker.log(first, step=0)
@@ -318,39 +295,24 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                 "time/step": seconds,
             }))
             metrics["data/epoch"] = float(sampler.epoch) + sampler.position / len(train)
-            final = step == total_steps
-            if val and ((t.val_every and step % t.val_every == 0) or final):
-                val_start = time.perf_counter()
-                metrics.update(validation_loss(policy, val, cfg, rank, world))
-                metrics["time/validation"] = time.perf_counter() - val_start
+            if val and due(step, t.val_every, total_steps):  # val_every 0: only at the end
+                metrics.update(timed("time/validation", lambda: validation_loss(policy, val, cfg, rank, world)))
             tracker.log(metrics, step=step)
             last_metrics.update(metrics)
-            if (t.save_every and step % t.save_every == 0) or final:
-                save_checkpoint(output_dir, step, policy.model, optimizer, scheduler, data_state=sampler.state_dict(),
-                                extra={"config": config_to_dict(cfg)}, keep_last=t.keep_last)
+            if due(step, t.save_every, total_steps):
+                save(cfg, step, policy.model, optimizer, scheduler, sampler)
                 if is_main():
                     hf_path = export_hf(policy, output_dir / HF_DIR / f"step_{step:08d}")
                     _prune_exports(output_dir / HF_DIR, step, t.keep_last)
                 barrier()
-    finally:
-        tracker.finish()
 
     exports = sorted(p for p in (output_dir / HF_DIR).glob("step_*") if p.is_dir())
-    checkpoints = list_checkpoints(output_dir)
-    summary.update(
-        steps=step,
-        metrics_path=str(tracker.metrics_path) if tracker.metrics_path else None,
-        checkpoint=str(checkpoints[-1]) if checkpoints else None,
-        hf_model=str(hf_path or (exports[-1] if exports else "")) or None,
-        wandb_mode=tracker.mode,
-        last_metrics=last_metrics,
-    )
-    if is_main():
-        print_run_summary("SFT", summary, ("actor/loss", "val/loss"), "run the same command again to continue",
-                          [f"  HF model:      {summary['hf_model'] or 'none'}  (GRPO from it: python -m algos.grpo ... "
-                           f"model.path={summary['hf_model']} output_dir=<a new run folder>)"])
-    destroy_distributed()
-    return summary
+    hf_model = str(hf_path or (exports[-1] if exports else "")) or None
+    return finish(start, "SFT", tracker, step, last_metrics, ("actor/loss", "val/loss"),
+                  "run the same command again to continue",
+                  [f"  HF model:      {hf_model or 'none'}  (GRPO from it: python -m algos.grpo ... "
+                   f"model.path={hf_model} output_dir=<a new run folder>)"],
+                  total_steps=total_steps, hf_model=hf_model)
 
 
 @hydra_main("sft")

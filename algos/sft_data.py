@@ -468,7 +468,7 @@ def build_examples(renderer: ChatRenderer, records: Sequence[SFTRecord], max_tok
     checks its share of the records and the results are exchanged.
     """
     from algos.distributed import get_rank, get_world_size
-    from algos.train_step import gather_lists
+    from algos.distributed import gather_lists
 
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")

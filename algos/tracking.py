@@ -32,7 +32,8 @@ evaluation) uses the same names, so runs compare in one dashboard:
     lr                           learning rate
     time/rollout, time/sandbox, time/update, time/step     seconds per step
     throughput/tokens_per_s, throughput/episodes_per_s     generation speed
-    data/*                       batch bookkeeping (e.g. data/groups_kept under dynamic sampling)
+    data/*                       batch bookkeeping: data/trajectories_in_loss, data/groups_with_signal
+                                 (GRPO: share of groups whose advantages are not all 0), data/epoch, ...
     judge/*                      the LLM judge: calls, errors, cache_hits, agree_with_rules, latency_s,
                                  latency_max_s (`cv_env.judge.judge_metrics`; val/judge/* on validation)
 

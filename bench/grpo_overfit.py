@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update  # noqa: E402
 from algos.rollouts import episode_summary, load_task_splits, loss_keep_mask, open_engines, rollout_metrics  # noqa: E402
-from algos.train_step import build_optimizer, build_scheduler, load_policy, seed_everything  # noqa: E402
+from algos.optim import build_optimizer, build_scheduler  # noqa: E402
+from algos.run import load_policy, seed_everything  # noqa: E402
 
 
 def figures(trajectories) -> dict[str, float]:

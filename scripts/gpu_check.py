@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from agents.policy import Policy  # noqa: E402
 from agents.rollout import RolloutEngine  # noqa: E402
 from agents.vllm_backend import VLLMBackend, sampling_kwargs, vllm_prompt  # noqa: E402
-from algos.train_step import score_trajectories  # noqa: E402
+from algos.scoring import score_trajectories  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 

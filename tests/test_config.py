@@ -178,15 +178,45 @@ def test_every_key_of_every_config_file_has_a_comment(path):
             assert " #" in line, f"{path.name}:{number}: {line.strip()} has no comment"
 
 
-def test_grpo_yaml_documents_every_schema_field_it_sets():
-    documented = yaml.safe_load((conf_dir() / "grpo.yaml").read_text())
-    schema = GRPOConfig()
+def _documented(group: str, option: str) -> dict:
+    """The keys a group option's file writes down, with those of the files its defaults list
+    includes: of its own group (`algo/grpo.yaml` includes `algo/clipped_surrogate.yaml`) or of
+    another at a node of its own (`env/synthetic.yaml` includes `/judge@judge: default`)."""
+    text = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text())
+    keys = {}
+    for entry in text.pop("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            keys.update(_documented(group, entry))
+        elif isinstance(entry, dict):
+            ((target, choice),) = entry.items()
+            other, _, node = target.lstrip("/").partition("@")
+            keys[node or other] = _documented(other, choice)
+    keys.update(text)
+    return keys
+
+
+def _primary_defaults(config_name: str) -> dict[str, str]:
+    entries = yaml.safe_load((conf_dir() / f"{config_name}.yaml").read_text())["defaults"]
+    return {key: value for entry in entries if isinstance(entry, dict) for key, value in entry.items()
+            if not key.startswith("override")}
+
+
+@pytest.mark.parametrize("config_name", ["grpo", "ppo"])
+def test_every_schema_field_is_written_down_in_the_yaml_once(config_name):
+    import algos.ppo_config  # noqa: F401  (PPOConfig)
+
+    schema = GRPOConfig() if config_name == "grpo" else algos.ppo_config.PPOConfig()
+    groups = _primary_defaults(config_name)
     for section in ("rollout", "algo", "trainer"):
         fields = set(vars(getattr(schema, section)))
-        assert set(documented[section]) == fields, f"grpo.yaml's {section} section does not list exactly the schema's fields"
-    for group in ("model", "env", "logger"):
+        assert set(_documented(section, groups[section])) == fields, \
+            f"conf/{section}/{groups[section]}.yaml does not list exactly the schema's fields"
+    for group in ("model", "env", "logger", "rollout", "trainer"):
         for path in (conf_dir() / group).glob("*.yaml"):
-            assert set(yaml.safe_load(path.read_text())) == set(vars(getattr(schema, group))), path
+            assert set(_documented(group, path.stem)) == set(vars(getattr(schema, group))), path
+    # The shared blocks are written once: the primary file sets only what differs per trainer.
+    primary = yaml.safe_load((conf_dir() / f"{config_name}.yaml").read_text())
+    assert "rollout" not in primary and "algo" not in primary and set(primary["trainer"]) == {"output_dir"}
 
 
 def test_conf_dir_is_the_repository_conf_folder_in_a_checkout():

@@ -289,7 +289,7 @@ FSDP_POLICY_WORKER = textwrap.dedent(
     from test_policy import _trajectory
     from agents.policy import Policy
     from algos import distributed as D
-    from algos.train_step import update_step
+    from algos.update import update_step
 
     out = sys.argv[1]
     info = D.init_distributed()

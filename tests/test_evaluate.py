@@ -138,7 +138,7 @@ def test_config_reads_model_specs_and_presets():
     (["+colour=red"], "unknown key"),
     (["max_total_tokens=8", "max_new_tokens=16"], "must be >= max_new_tokens"),
     (["reward.alpha=-1"], "config reward"),
-    (["prompt=short"], "prompt: must be one of full, compact"),
+    (["prompt=short"], "prompt: 'short' is not one of 'full', 'compact'"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):

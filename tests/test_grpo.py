@@ -24,14 +24,10 @@ from algos.rollouts import (  # noqa: E402
 )
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
-from algos.train_step import (  # noqa: E402
-    PromptSampler,
-    build_optimizer,
-    build_scheduler,
-    group_minibatches,
-    pad_rows,
-    update_step,
-)
+from algos.batching import group_minibatches, pad_rows  # noqa: E402
+from algos.optim import build_optimizer, build_scheduler  # noqa: E402
+from algos.prompt_sampler import PromptSampler  # noqa: E402
+from algos.update import update_step  # noqa: E402
 from cv_env.reward import RewardConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -389,10 +385,11 @@ def test_rollout_and_validation_metrics_by_hand():
 _DDP_WORKER = '''
 import os, sys, torch
 import algos.grpo as grpo
+import algos.run as run_skeleton
 from algos.config import load_config
 
 out = sys.argv[1]
-real_save = grpo.save_checkpoint
+real_save = run_skeleton.save_checkpoint  # what the trainers' checkpoints go through (algos.run.save)
 
 def save_and_record(output_dir, step, model, *args, **kwargs):
     # Every rank records the full weights it holds (gathered from the shards under FSDP2).
@@ -403,7 +400,7 @@ def save_and_record(output_dir, step, model, *args, **kwargs):
                os.path.join(out, f"layout_rank{os.environ['RANK']}.pt"))
     return real_save(output_dir, step, model, *args, **kwargs)
 
-grpo.save_checkpoint = save_and_record
+run_skeleton.save_checkpoint = save_and_record
 summary = grpo.run(load_config(sys.argv[2:] + [f"trainer.output_dir={out}"]))
 '''
 

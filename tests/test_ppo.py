@@ -26,7 +26,7 @@ from algos.ppo import critic_checkpoint_path, ppo_update, run, token_advantages 
 from algos.config import conf_dir  # noqa: E402
 from algos.ppo_config import PPOConfig, load_ppo_config  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
-from algos.train_step import build_optimizer, build_scheduler  # noqa: E402
+from algos.optim import build_optimizer, build_scheduler  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 
@@ -168,8 +168,8 @@ def _one_token(prompt, token, reward, group):
 
 def _optimizers(cfg, policy, critic):
     actor = build_optimizer(policy.named_parameters(), cfg.algo)
-    critic_optimizer = build_optimizer(critic.named_parameters(), cfg.critic_algo())
-    return (actor, critic_optimizer), (build_scheduler(actor, cfg.algo, 10), build_scheduler(critic_optimizer, cfg.critic_algo(), 10))
+    critic_optimizer = build_optimizer(critic.named_parameters(), cfg.critic_optim())
+    return (actor, critic_optimizer), (build_scheduler(actor, cfg.algo, 10), build_scheduler(critic_optimizer, cfg.critic_optim(), 10))
 
 
 def test_critic_warmup_moves_the_value_toward_the_return_and_leaves_the_policy(update_setup):
@@ -286,8 +286,10 @@ def test_tiny_ppo_run_resumes_policy_and_critic_through_a_critic_warmup(tmp_path
     out = tmp_path / "run"
     run(load_ppo_config(TINY_RUN + ["trainer.total_steps=2", "trainer.val_every=0", f"trainer.output_dir={out}"]))
     # Resume from both checkpoints, with a critic warm-up over step 3: only the critic trains there.
+    # A changed setting (the warm-up) continues a run only from a checkpoint named explicitly.
     summary = run(load_ppo_config(TINY_RUN + ["trainer.total_steps=4", "critic.warmup_steps=3", "trainer.val_every=0",
-                                              f"trainer.output_dir={out}"]))
+                                              f"trainer.output_dir={out}",
+                                              f"trainer.resume={out / 'checkpoints' / 'step_00000002'}"]))
     assert summary["steps"] == 4 and summary["resumed_from"].endswith("step_00000002")
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     warmup, after = read_metrics(out / "metrics.jsonl")[2:]
@@ -302,17 +304,21 @@ def test_tiny_ppo_run_resumes_policy_and_critic_through_a_critic_warmup(tmp_path
 
     (out / "critic" / "checkpoints" / "step_00000004" / "COMPLETE").unlink()
     with pytest.raises(FileNotFoundError, match="has no critic"):
-        run(load_ppo_config(TINY_RUN + ["trainer.total_steps=5", f"trainer.output_dir={out}"]))
+        run(load_ppo_config(TINY_RUN + ["trainer.total_steps=5", "critic.warmup_steps=3", "trainer.val_every=0",
+                                         f"trainer.output_dir={out}"]))
 
 
 def test_ppo_yaml_documents_every_schema_field():
+    # rollout, algo and trainer come from the groups GRPO shares (test_config checks those files).
     documented = yaml.safe_load((conf_dir() / "ppo.yaml").read_text())
-    schema = PPOConfig()
-    for section in ("rollout", "algo", "critic", "trainer"):
-        assert set(documented[section]) == set(vars(getattr(schema, section))), section
+    assert set(documented["critic"]) == set(vars(PPOConfig().critic))
     cfg = load_ppo_config(["+exp=tiny_ppo", "rollout.n=1"])  # PPO needs no groups
     assert cfg.rollout.n == 1 and cfg.algo.gamma == 1.0 and cfg.algo.lam == 0.95
     for override, message in (("algo.lam=1.5", "algo.lam"), ("critic.clip_range=0", "critic.clip_range"),
-                              ("critic.warmup_steps=4", "leaves no step"), ("algo.clip_ratio_low=1.0", "clip_ratio_low")):
+                              ("critic.warmup_steps=4", "leaves no step"), ("algo.clip_ratio_low=1.0", "clip_ratio_low"),
+                              ("algo.lr=0", "algo.lr"), ("rollout.n=0", "rollout.n: must be >= 1"),
+                              ("algo.micro_batch_size=3", "algo.micro_batch_size: 3 trajectories must divide"),
+                              # FSDP2 sharding is GRPO's: PPO says so when the config is read, not at run time.
+                              ("trainer.fsdp=true", "trainer.fsdp: FSDP2 sharding is implemented by algos.grpo only")):
         with pytest.raises(ValueError, match=message):
             load_ppo_config(["+exp=tiny_ppo", override])

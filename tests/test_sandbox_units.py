@@ -7,7 +7,7 @@ from PIL import Image
 from cv_env.frames import Frame
 from cv_env.sandbox import op_rules
 from cv_env.sandbox.executor import execute_snippet
-from cv_env.sandbox.ops import same_pixels, verify_geometry
+from cv_env.sandbox.pixels import same_pixels, verify_geometry
 from cv_env.sandbox.proxies import SandboxViolation, build_proxies, import_allowed_modules
 
 

@@ -22,7 +22,8 @@ from agents.scripted import OracleAgent, play_episode  # noqa: E402
 from algos.sft import export_hf, run, sft_loss, validation_loss  # noqa: E402
 from algos.sft_config import load_sft_config  # noqa: E402
 from algos.sft_data import build_examples, micro_batches, read_records, record_to_example  # noqa: E402
-from algos.train_step import build_optimizer, build_scheduler, update_step  # noqa: E402
+from algos.optim import build_optimizer, build_scheduler  # noqa: E402
+from algos.update import update_step  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 from spans import masked_spans  # noqa: E402

@@ -96,7 +96,7 @@ def test_table_input_errors(tmp_path):
 
 def test_metric_vocabulary_is_enforced():
     for good in ("reward/total", "reward/mandatory", "val/acc/charts", "tool/op/crop", "lr", "time/sandbox",
-                 "throughput/tokens_per_s", "critic/value_loss", "data/groups_kept"):
+                 "throughput/tokens_per_s", "critic/value_loss", "data/groups_with_signal"):
         check_metric_name(good)
     for bad in ("actr/kl", "loss", "reward/", "step", "time", ""):
         with pytest.raises(ValueError):

@@ -56,12 +56,18 @@ def test_under_torchrun_each_rank_runs_its_own_engine_on_its_own_gpu():
 
 def _vllm_keys(yaml_path: Path) -> list[str]:
     """The rollout keys a config file documents as vLLM's ("# vllm only: ...")."""
-    return re.findall(r"^  (\w+): .*# vllm only:", yaml_path.read_text(), flags=re.M)
+    return re.findall(r"^(\w+): .*# vllm only:", yaml_path.read_text(), flags=re.M)
+
+
+def _rollout_file(conf_file: str) -> Path:
+    """The `rollout/` group file a primary config composes (`- rollout: default`)."""
+    (option,) = re.findall(r"^  - rollout: (\w+)", (REPO / "conf" / conf_file).read_text(), flags=re.M)
+    return REPO / "conf" / "rollout" / f"{option}.yaml"
 
 
 @pytest.mark.parametrize("config, conf_file", [(GRPOConfig, "grpo.yaml"), (PPOConfig, "ppo.yaml")])
 def test_every_vllm_key_of_conf_reaches_the_engine(config, conf_file):
-    keys = _vllm_keys(REPO / "conf" / conf_file)
+    keys = _vllm_keys(_rollout_file(conf_file))
     assert {"gpu_memory_utilization", "tensor_parallel_size", "max_images", "enable_prefix_caching",
             "enforce_eager"} <= set(keys)
     rollout = config().rollout

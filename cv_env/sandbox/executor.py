@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cv_env.sandbox.ops import Tracker, resolve_result, size_of
+from cv_env.sandbox.ops import LineageTracker, resolve_result
+from cv_env.sandbox.pixels import size_of
 from cv_env.sandbox.proxies import build_proxies
 from cv_env.sandbox.reply import OUTPUT_LAYOUTS
 from cv_env.sandbox.restricted import SNIPPET_FILENAME, Guards, PrintCollector, compile_snippet
@@ -98,7 +99,7 @@ def execute_snippet(modules: dict, code: str, images: list[Image.Image], image_i
     except (MemoryError, RecursionError, ValueError, OverflowError) as exc:
         response["error"] = f"the code could not be compiled ({type(exc).__name__}): it is too deeply nested or too large"
         return response
-    tracker = Tracker(images)
+    tracker = LineageTracker(images)
     selected = images[image_index]
     names = {"image": selected, "img": selected, "images": list(images)}
     if restricted:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import ImageDraw, ImageEnhance
 
 from cv_env.frames import Frame
-from cv_env.sandbox.ops import KEEP, Step, is_image, is_pixels, size_of
+from cv_env.sandbox.pixels import KEEP, Step, is_image, is_pixels, size_of
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Op detection from execution, and the frame of the output image.
+"""Op detection from execution, and the frame of the output image: `LineageTracker`.
 
 Every function a snippet reaches through a module proxy, and every method of an image, array,
-enhancer or drawing object, is wrapped (see `Tracker`). When a wrapped call takes a tracked
+enhancer or drawing object, is wrapped (see `LineageTracker`). When a wrapped call takes a tracked
 image/array and returns a new one, a rule from `op_rules` names the op and the geometric step
 (a `Frame` from the output's pixels to the input's), and the step is checked against the
 pixels: a rotation must really be that rotation of the input, a crop that region, and an op
@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from cv_env.frames import Frame
+from cv_env.sandbox import op_rules
+from cv_env.sandbox.pixels import KEEP, is_pixels, same_pixels, size_of, verify_geometry
 from cv_env.sandbox.proxies import is_pil_core
-
-KEEP = "keep"  # the op moved no pixel: the frame is unchanged
 
 
 @dataclass(frozen=True)
@@ -34,93 +34,7 @@ class Node:
     ops: tuple[dict, ...] = ()
 
 
-def is_image(obj: Any) -> bool:
-    return isinstance(obj, Image.Image)
-
-
-def is_pixels(obj: Any) -> bool:
-    """An image, or an array laid out like one (H x W or H x W x C)."""
-    return is_image(obj) or (isinstance(obj, np.ndarray) and obj.ndim in (2, 3) and obj.size > 0)
-
-
-def size_of(obj: Any) -> tuple[int, int]:
-    """(width, height) of an image or image-like array."""
-    if is_image(obj):
-        return obj.size
-    return int(obj.shape[1]), int(obj.shape[0])
-
-
-def _pixel_getter(obj: Any) -> Callable[[int, int], tuple]:
-    if is_image(obj):
-        def get(x, y, _g=obj.getpixel):
-            v = _g((x, y))
-            return v if isinstance(v, tuple) else (v,)
-        return get
-    def get_arr(x, y, _a=obj):
-        v = _a[y, x]
-        return tuple(np.atleast_1d(v).tolist())
-    return get_arr
-
-
-def _sample_points(w: int, h: int, n: int = 7) -> list[tuple[int, int]]:
-    xs = sorted({min(w - 1, int(w * (i + 0.5) / n)) for i in range(n)} | {0, w - 1})
-    ys = sorted({min(h - 1, int(h * (i + 0.5) / n)) for i in range(n)} | {0, h - 1})
-    return [(x, y) for x in xs for y in ys]
-
-
-def same_pixels(a: Any, b: Any) -> bool:
-    """True if `a` and `b` show the same pixels (cheap samples first, full check only if needed)."""
-    if size_of(a) != size_of(b):
-        return False
-    ga, gb = _pixel_getter(a), _pixel_getter(b)
-    try:
-        for x, y in _sample_points(*size_of(a)):
-            if ga(x, y) != gb(x, y):
-                return False
-    except Exception:
-        return False
-    aa, bb = np.asarray(a), np.asarray(b)
-    return aa.shape == bb.shape and bool(np.array_equal(aa, bb))
-
-
-def verify_geometry(inp: Any, out: Any, step: Frame, tolerance: float = 0.05) -> bool:
-    """Check that `out` shows `inp` through `step` (output pixel -> input pixel), by sampling.
-
-    Samples that map outside the input (padding of a crop past the border) are skipped.
-    """
-    if tuple(step.size) != tuple(size_of(out)):
-        return False
-    w, h = size_of(inp)
-    gi, go = _pixel_getter(inp), _pixel_getter(out)
-    compared = mismatched = 0
-    for x, y in _sample_points(*size_of(out), n=3):
-        u, v = step.point_to_source(x + 0.5, y + 0.5)
-        iu, iv = int(np.floor(u)), int(np.floor(v))
-        if not (0 <= iu < w and 0 <= iv < h):
-            continue
-        compared += 1
-        try:
-            a, b = gi(iu, iv), go(x, y)
-        except Exception:
-            return False
-        if len(a) != len(b):
-            return True  # a mode change came with it (e.g. grayscale); geometry cannot be sampled
-        mismatched += a != b
-    return compared == 0 or mismatched <= tolerance * compared
-
-
-@dataclass
-class Step:
-    """What one call did: named ops, and the geometry (`KEEP`, a Frame out->in, or None = lost)."""
-
-    ops: list[dict]
-    geometry: Any = KEEP
-    verify: bool = False  # sample-check the geometry against the pixels
-    pixel_op: bool = False  # drop the ops if no pixel changed
-    classify: bool = False  # name the op from the pixel change (calls no rule knows)
-
-
-class Tracker:
+class LineageTracker:
     """Follows images and arrays through one execution and records their lineage."""
 
     def __init__(self, images: list[Image.Image]):
@@ -163,8 +77,6 @@ class Tracker:
 
     def wrap(self, key: str, fn: Callable) -> Callable:
         """Wrap a module function so its calls on tracked pixels are recorded."""
-        from cv_env.sandbox import op_rules  # imported here: op_rules builds on this module
-
         rule = op_rules.FUNCTION_RULES.get(key)
         tracker = self
 
@@ -181,8 +93,6 @@ class Tracker:
         return tracked
 
     def on_attribute(self, obj: Any, name: str, value: Any) -> Any:
-        from cv_env.sandbox import op_rules
-
         if isinstance(obj, np.ndarray) and name in ("T", "mT") and is_pixels(value):
             self._after("ndarray.T", op_rules.METHOD_RULES.get("ndarray.T"), obj, size_of(obj), (), {}, value)
             return value
@@ -213,9 +123,7 @@ class Tracker:
 
     def on_getitem(self, obj: Any, key: Any, value: Any) -> Any:
         if isinstance(obj, np.ndarray) and is_pixels(obj) and isinstance(value, np.ndarray):
-            from cv_env.sandbox import op_rules
-
-            self._after("ndarray.getitem", op_rules.slice_rule(key), obj, size_of(obj), (key,), {}, value)
+                self._after("ndarray.getitem", op_rules.slice_rule(key), obj, size_of(obj), (key,), {}, value)
         return value
 
     def on_write(self, obj: Any, key: Any) -> None:
@@ -236,8 +144,6 @@ class Tracker:
             pass
 
     def _record(self, key, rule, inp, before, args, kwargs, out, self_obj) -> None:
-        from cv_env.sandbox import op_rules
-
         node = self.node(inp)
         if node is None:
             return
@@ -282,7 +188,7 @@ class Tracker:
         self.set_node(out, Node(node.source_index, frame, node.ops + tuple(full_ops)))
 
 
-def resolve_result(tracker: Tracker, result: Any, image_index: int) -> Node:
+def resolve_result(tracker: LineageTracker, result: Any, image_index: int) -> Node:
     """The lineage of the snippet's `result`; pixels decide when the code went untracked.
 
     Untracked results (numpy arithmetic such as `(a * 1.3).clip(0, 255)`) are matched against
@@ -291,8 +197,6 @@ def resolve_result(tracker: Tracker, result: Any, image_index: int) -> Node:
     node = tracker.node(result)
     if node is not None:
         return node
-    from cv_env.sandbox import op_rules
-
     size = size_of(result)
     for obj, candidate in tracker.live_nodes():
         if obj is result or candidate.frame is None or not is_pixels(obj) or size_of(obj) != size:

@@ -119,7 +119,7 @@ _INPLACE = {
 class Guards:
     """The guard functions of one execution, bound to its proxies and op tracker.
 
-    `tracker` (an `ops.Tracker`) sees every attribute read (`on_attribute`), subscript
+    `tracker` (an `ops.LineageTracker`) sees every attribute read (`on_attribute`), subscript
     (`on_getitem`) and item write (`on_write`), which is how ops are detected.
     """
 
