@@ -28,7 +28,6 @@ carries the token usage the server reported and the request's latency.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from agents.templates import tool_call_text, tools_block
-from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env
+from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env, config_from_mapping
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA
 
 __all__ = ["OpenAIConfig", "OpenAIBackend", "ServedTurn", "EndpointConfigError", "EndpointDown", "EndpointError",
@@ -84,11 +83,7 @@ class OpenAIConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OpenAIConfig":
         """Build from a mapping (e.g. a Hydra node); unknown keys raise a ValueError naming them."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown served-model option(s) {unknown}; valid: {', '.join(valid)}")
-        return cls(**dict(d))
+        return config_from_mapping(cls, d, "served-model option")
 
 
 class EndpointConfigError(ValueError):

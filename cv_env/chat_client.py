@@ -29,6 +29,8 @@ import socket
 import threading
 import time
 import urllib.parse
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,16 @@ def chat_completions_url(url: str) -> str:
     """The chat-completions URL of an endpoint base ("http://host:8000/v1") or of the full URL."""
     url = url.rstrip("/")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def config_from_mapping(cls, d: Mapping[str, Any], what: str):
+    """The settings dataclass `cls` from a mapping (e.g. a Hydra node); unknown keys raise a
+    ValueError naming them and every valid one (`what`: how the message calls a key)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid: {', '.join(valid)}")
+    return cls(**dict(d))
 
 
 def api_key_from_env(name: str | None, setting: str) -> str | None:

@@ -33,7 +33,6 @@ backend; only the standard library is used, so the environment stays dependency-
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from cv_env.answers import check_answer
-from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env, chat_completions_url
+from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env, chat_completions_url, config_from_mapping
 
 __all__ = ["JudgeConfig", "LLMJudge", "Ruling", "build_messages", "parse_verdict", "make_judge", "judge_metrics"]
 
@@ -107,11 +106,7 @@ class JudgeConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JudgeConfig":
         """Build from a mapping (e.g. a Hydra node); unknown keys raise a ValueError naming them."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown judge config key(s) {unknown}; valid keys are: {', '.join(valid)}")
-        return cls(**dict(d))
+        return config_from_mapping(cls, d, "judge config key")
 
     @property
     def endpoint(self) -> str:
