@@ -99,6 +99,7 @@ class TokenState:
     images / pixel_values / image_grid_thw: the images in the order their placeholders appear, and
     the processor's outputs for them (`pixel_values` one tensor per processor call).
     turn_ends: index of the last sampled token of each assistant turn (where its reward goes).
+    `turns()` cuts the sequence into the prompt and each turn's sampled and context tokens.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -132,6 +133,20 @@ class TokenState:
         self.sampler_logprobs.extend(float(x) for x in logprobs)
         self.turn_ends.append(len(self.token_ids) - 1)
         self.turn_open = True
+
+    def turns(self) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[float, ...], tuple[int, ...]]]]:
+        """(prompt ids, [(sampled ids, their log-probs, the context ids after them)] per turn), as
+        `agents.trajectory.Turn` holds them; a turn's sampled span is the mask-1 run ending at its turn_end."""
+        spans = []
+        for end in self.turn_ends:
+            start = end
+            while start > 0 and self.loss_mask[start - 1] == 1:
+                start -= 1
+            spans.append((start, end + 1))
+        bounds = [start for start, _ in spans[1:]] + [len(self.token_ids)]
+        prompt = tuple(self.token_ids[:spans[0][0] if spans else len(self.token_ids)])
+        return prompt, [(tuple(self.token_ids[start:end]), tuple(self.sampler_logprobs[start:end]),
+                         tuple(self.token_ids[end:after])) for (start, end), after in zip(spans, bounds)]
 
     def append_context(self, ids: list[int]) -> None:
         """Append tokens the model did not sample (template, env messages): mask 0."""

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from agents.policy import Policy
-from agents.rollout import Trajectory
+from agents.trajectory import Trajectory
 from algos.advantages import gae_advantages, whiten
 from algos.checkpoint import (finished_run, is_complete, list_checkpoints, load_checkpoint, plan_resume,
                               save_checkpoint)
@@ -42,17 +42,9 @@ from algos.critic import Critic, load_critic, logprobs_and_values, score_values
 from algos.distributed import all_reduce_mean, destroy_distributed, get_world_size, init_distributed, is_main
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
 from algos.ppo_config import PPOConfig
-from algos.rollouts import (
-    check_rollout_backend,
-    group_reward_terms,
-    load_task_splits,
-    loss_keep_mask,
-    open_engines,
-    report_episode_errors,
-    sample_table,
-    step_metrics,
-    validate,
-)
+from algos.engines import check_rollout_backend, load_task_splits, open_engines, validate
+from algos.groups import flatten_groups, loss_keep_mask, make_groups, rewards_of
+from algos.metrics import report_episode_errors, sample_table, step_metrics
 from algos.tracking import Tracker, print_run_summary, say
 from algos.train_step import (
     PromptSampler,
@@ -365,9 +357,11 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
             # 3. group terms, and which trajectories enter the losses
-            adjustments = group_reward_terms(trajectories, reward_cfg)
-            rewards_G = torch.tensor([tr.reward + adj for tr, adj in zip(trajectories, adjustments)], dtype=torch.float32)
-            keep = [i for i, k in enumerate(loss_keep_mask(trajectories, rewards_G, a.mask_truncated, False)) if k]
+            groups = make_groups(trajectories, reward_cfg)
+            trajectories = flatten_groups(groups)
+            adjustments = [term for group in groups for term in group.group_terms_G]
+            rewards_G = torch.tensor(rewards_of(groups), dtype=torch.float32)
+            keep = [i for i, k in enumerate(loss_keep_mask(groups, a.mask_truncated, False)) if k]
             kept = [trajectories[i] for i in keep]
 
             # 4. values at rollout time (and the policy's own log-probs when another engine sampled:
@@ -405,7 +399,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 engine.update_weights(policy.model)
             timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             metrics = {
-                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, len(keep)),
+                **step_metrics(groups, reward_cfg.beta, timings, len(keep)),
                 **all_reduce_mean({**update_metrics, **critic_metrics}),
                 "time/step": time.perf_counter() - step_start,
                 "data/critic_warmup": float(not train_policy),
