@@ -317,8 +317,10 @@ def action_text(action: str | dict, turn: Turn | None = None) -> str:
 def assistant_message(action: str | dict, turn: Turn | None = None) -> dict[str, Any]:
     """The conversation entry for a turn: the raw text for string actions (token-exact view);
     a structured `tool_calls` entry for dict tool calls, so any chat template can render it."""
+    if isinstance(action, str):
+        return {"role": "assistant", "content": action}
     turn = parse_action(action) if turn is None else turn
-    if isinstance(action, str) or turn.kind != "tool_call":
+    if turn.kind != "tool_call":
         return {"role": "assistant", "content": action_text(action, turn)}
     arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
     return {"role": "assistant", "content": "",
