@@ -10,7 +10,7 @@ The oracle (`agents.scripted.OracleAgent`) plays each task through the real env 
 engine (`ScriptedBackend`), so every record is a `Trajectory` exactly as a policy rollout would
 produce it: the model's chat template, token ids with image placeholders, loss mask 1 on the
 oracle's turns (what SFT trains on), rewards and components. Read them back with
-`agents.trajectory.read_jsonl`; `Policy.collate` turns them into a training batch. Only episodes
+`agents.jsonl.read_jsonl`; `Policy.collate` turns them into a training batch. Only episodes
 that earn the task's ideal reward are kept (`--keep-all` to keep every one); with `--tool-rate`
 below 1, an item the oracle answers without the tool earns the reward of that answer instead.
 
@@ -53,7 +53,7 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
     from agents.scripted import OracleAgent, ideal_reward
-    from agents.trajectory import write_jsonl
+    from agents.jsonl import write_jsonl
     from cv_env.reward import RewardConfig
     from cv_env.sandbox import Sandbox
     from cv_env.tasks import load_tasks

@@ -50,6 +50,7 @@ _ZERO_WIDTH_SPACE = "\u200b"
 # borrowed" when two threads tokenize at once; the rollout engine renders from a thread pool, so
 # tokenization is serialised (template rendering and everything else is not).
 _TOKENIZE_LOCK = threading.Lock()
+_PIECE_CACHE_SIZE = 4096  # tokenized text pieces a renderer keeps (the system turn, headers, repeated replies)
 
 
 class ImageTokenMismatch(ValueError):
@@ -99,6 +100,7 @@ class TokenState:
     images / pixel_values / image_grid_thw: the images in the order their placeholders appear, and
     the processor's outputs for them (`pixel_values` one tensor per processor call).
     turn_ends: index of the last sampled token of each assistant turn (where its reward goes).
+    `turns()` cuts the sequence into the prompt and each turn's sampled and context tokens.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -132,6 +134,20 @@ class TokenState:
         self.sampler_logprobs.extend(float(x) for x in logprobs)
         self.turn_ends.append(len(self.token_ids) - 1)
         self.turn_open = True
+
+    def turns(self) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[float, ...], tuple[int, ...]]]]:
+        """(prompt ids, [(sampled ids, their log-probs, the context ids after them)] per turn), as
+        `agents.trajectory.Turn` holds them; a turn's sampled span is the mask-1 run ending at its turn_end."""
+        spans = []
+        for end in self.turn_ends:
+            start = end
+            while start > 0 and self.loss_mask[start - 1] == 1:
+                start -= 1
+            spans.append((start, end + 1))
+        bounds = [start for start, _ in spans[1:]] + [len(self.token_ids)]
+        prompt = tuple(self.token_ids[:spans[0][0] if spans else len(self.token_ids)])
+        return prompt, [(tuple(self.token_ids[start:end]), tuple(self.sampler_logprobs[start:end]),
+                         tuple(self.token_ids[end:after])) for (start, end), after in zip(spans, bounds)]
 
     def append_context(self, ids: list[int]) -> None:
         """Append tokens the model did not sample (template, env messages): mask 0."""
@@ -179,6 +195,8 @@ class ChatRenderer:
         self.tools = [TOOL_SCHEMA] if tools is None else list(tools)
         self.tool_response_format = tool_response_format
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self._image_pad, self._turn_start = "<|image_pad|>", "<|im_start|>"
+        self._piece_ids: dict[str, tuple[int, ...]] = {}  # text piece -> its ids (`_tokenize`)
         self.merge_size = int(getattr(processor.image_processor, "merge_size", 2))
         # Longest first, so "<|im_start|>" is escaped whole and not as a shorter token inside it.
         specials = {t for t in self.tokenizer.get_added_vocab() if t.startswith("<|") and t.endswith("|>")}
@@ -220,19 +238,49 @@ class ChatRenderer:
         return self._with_turns(self._template(shown, tools, add_generation_prompt), turns)
 
     def encode(self, text: str, images: list[Image.Image]) -> Delta:
-        """Tokenize template text with its images (placeholders expanded to the image grids)."""
-        if images:
-            with _TOKENIZE_LOCK:
-                out = self.processor(text=[text], images=images, return_tensors="pt")
-            ids = out["input_ids"][0].tolist()
-            grids = out["image_grid_thw"].tolist()
-            check_image_tokens(ids, grids, self.image_token_id, self.merge_size, "rendered text")
-            return Delta(ids, list(images), out["pixel_values"], grids)
-        with _TOKENIZE_LOCK:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.image_token_id in ids:
-            raise ImageTokenMismatch("rendered text has image placeholders but no image was given")
-        return Delta(ids, [], None, [])
+        """Tokenize template text with its images (placeholders expanded to the image grids).
+
+        Equal to the processor's own call (a test holds them equal for every family), done in
+        pieces: the image processor gives the grids and patches, and the text is tokenized
+        piece by piece between special tokens (a special token is a boundary the tokenizer never
+        merges across, so the pieces' ids concatenate to the whole's), with each image
+        placeholder expanded to its grid's run of ids. The pieces that recur (the system turn,
+        the template's headers) are tokenized once per renderer.
+        """
+        if not images:
+            ids = self._tokenize(text)
+            if self.image_token_id in ids:
+                raise ImageTokenMismatch("rendered text has image placeholders but no image was given")
+            return Delta(ids, [], None, [])
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        grids = out["image_grid_thw"].tolist()
+        pieces = text.split(self._image_pad)
+        if len(pieces) != len(grids) + 1:
+            raise ImageTokenMismatch(f"rendered text has {len(pieces) - 1} image placeholders for {len(grids)} images")
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += self._tokenize(piece)
+            if k < len(grids):
+                ids += [self.image_token_id] * (grids[k][0] * grids[k][1] * grids[k][2] // self.merge_size**2)
+        check_image_tokens(ids, grids, self.image_token_id, self.merge_size, "rendered text")
+        return Delta(ids, list(images), out["pixel_values"], grids)
+
+    def _tokenize(self, text: str) -> list[int]:
+        """`tokenizer(text)["input_ids"]`, piece by piece between `<|im_start|>`s, each piece cached."""
+        ids: list[int] = []
+        for k, piece in enumerate(text.split(self._turn_start)):
+            piece = piece if k == 0 else self._turn_start + piece
+            if not piece:
+                continue
+            cached = self._piece_ids.get(piece)
+            if cached is None:
+                with _TOKENIZE_LOCK:
+                    cached = tuple(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+                if len(self._piece_ids) >= _PIECE_CACHE_SIZE:
+                    self._piece_ids.clear()
+                self._piece_ids[piece] = cached
+            ids += cached
+        return ids
 
     def render_full(self, messages: list[dict], add_generation_prompt: bool = False) -> Delta:
         """Render and tokenize a whole conversation at once (the reference the increments must equal)."""

@@ -1,23 +1,30 @@
-"""The multi-turn rollout engine: B tasks x n samples through the env, token-exact.
+"""The episode loop: B tasks x n samples through `CodeVision-v0`, driven only through the Gym API.
 
     engine = RolloutEngine(policy, sandbox=sandbox, env_kwargs=dict(max_turns=4, max_pixels=128 * 128),
                            sampling=dict(temperature=1.0, max_new_tokens=256), max_total_tokens=4096)
-    trajectories = engine.rollout(tasks, n=8, seed=0)      # len == len(tasks) * 8
+    trajectories = engine.rollout(tasks, n=8, seed=0)      # len == len(tasks) * 8, task by task
+    engine = RolloutEngine(ScriptedAgents(OracleAgent), sandbox=sandbox)   # scripted agents: no tokens
 
-Each turn makes one batched generation call for all live episodes. As soon as a row's turn is
-complete (its stop token, while longer rows are still being generated) its env step starts on a
-thread pool, so sandbox executions overlap the rest of the generation and each other (the
-sandbox is one shared worker pool); the next turn's call waits for every step of this one. Sampled ids are appended
-verbatim; each env reply adds only its template delta (agents.conversation). An episode ends
-when the env ends it (answer, malformed turn, turn limit) or when the next env reply would not
-fit in `max_total_tokens`: a reply with an image is appended whole or not at all, and the env
-settles the episode as truncated (`env.truncate()`).
+The conversation is built from what `reset` and `step` return (the observations, and reset's
+`system_prompt`), never read from inside the env; an episode the engine must stop (the token
+budget, an error) ends with the public action `cv_env.EndEpisode(reason)`. Two kinds of policy
+run through the same loop:
+
+* a token backend (`agents.generation`: HF, vLLM, `ScriptedBackend`): prompts are token ids.
+  Each turn makes one batched generation call for all live episodes; as soon as a row's turn is
+  complete its env step starts on a thread pool, so sandbox executions overlap the rest of the
+  generation and each other. Sampled ids are appended verbatim; each env reply adds only its
+  template delta (`agents.conversation`). An episode also ends when the next reply would not
+  fit in `max_total_tokens` (a reply with an image is appended whole or not at all).
+* a chat backend (anything with `respond(requests, sampling, seed) -> [action]`, e.g.
+  `agents.scripted.ScriptedAgents` or an OpenAI-compatible server): each `ChatRequest` holds the
+  conversation as chat messages; the answer is a str turn or a dict action. Its trajectories
+  have no token ids.
 
 A rollout survives any one episode: an exception while one episode's turn is stepped or
-rendered (an env bug, a template error, a sandbox failure) ends that episode only, truncated
-("error"), with the error in `Trajectory.error`; the others go on. Only a systemic failure
-raises, after the batch: every episode of the rollout failed, or the shared sandbox no longer
-runs code.
+rendered ends that episode only, truncated ("error"), with the error in `Trajectory.error`;
+the others go on. Only a systemic failure raises, after the batch: every episode of the
+rollout failed, or the shared sandbox no longer runs code.
 """
 
 from __future__ import annotations
@@ -28,43 +35,73 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import gymnasium as gym
+import numpy as np
 from PIL import Image
 
 import cv_env  # noqa: F401  (registers CodeVision-v0)
-from agents.conversation import ChatRenderer, TokenState
-from agents.generation import GenerationRequest, HFBackend, SamplingParams
-from agents.trajectory import Trajectory, read_jsonl, write_jsonl
+from agents.trajectory import Trajectory, Turn
 from cv_env.judge import make_judge
-from cv_env.protocol import get_prompt
+from cv_env.protocol import TOOL_NAME, EndEpisode, action_text, assistant_message, get_prompt
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
 
-__all__ = ["RolloutEngine", "Trajectory", "read_jsonl", "write_jsonl"]
+__all__ = ["RolloutEngine", "ChatRequest", "observation_message", "play"]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One episode's next turn, for a chat backend.
+
+    messages: the conversation so far in chat format (system, user, assistant, tool; images as
+    PIL). tools: the function schemas for the chat template. observation: the newest
+    observation as the env returned it. key / task: which episode asks (a model ignores them;
+    scripted agents play the task).
+    """
+
+    messages: list[dict]
+    tools: list[dict]
+    observation: dict
+    key: str
+    task: Task
+
+
+def observation_message(observation: dict) -> dict:
+    """The chat message of an env observation: its role, images (as PIL) and text."""
+    content: list[dict] = [{"type": "image", "image": Image.fromarray(np.asarray(image))}
+                           for image in observation["images"]]
+    content.append({"type": "text", "text": observation["text"]})
+    message = {"role": observation["role"], "content": content}
+    if observation["role"] == "tool":
+        message["name"] = TOOL_NAME
+    return message
 
 
 @dataclass
 class _Episode:
+    """The running state of one episode (private to the loop)."""
+
     env: Any
     task: Task
     group_id: str
     sample_index: int
-    state: TokenState
-    index: int = 0  # position in this rollout
-    action: str = ""
-    turn_rewards: list[float] = field(default_factory=list)
-    turn_ops: list[list[str]] = field(default_factory=list)
-    num_tool_calls: int = 0
+    index: int  # position in this rollout
+    observation: dict
+    messages: list[dict]
+    tools: list[dict]
+    state: Any = None  # agents.conversation.TokenState, for a token backend
+    turns: list[dict] = field(default_factory=list)  # Turn fields as the steps found them
     done: bool = False
     truncation: str = ""
-    error: str = ""  # what ended the episode when an exception did
+    error: str = ""
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=lambda: {"generate_s": 0.0, "env_s": 0.0, "render_s": 0.0})
 
 
 class RolloutEngine:
-    """Runs episodes of `CodeVision-v0` with a policy (or any `GenerationBackend`).
+    """Runs episodes of `CodeVision-v0` with a policy, a token backend or a chat backend.
 
-    policy_or_backend: an `agents.policy.Policy` (sampled with `HFBackend`) or a backend.
+    policy_or_backend: an `agents.policy.Policy` (sampled with `HFBackend`), a token backend
+        (`generate` + `update_weights`), or a chat backend (`respond`).
     sandbox: the shared `cv_env.sandbox.Sandbox` every env of the engine uses.
     env_kwargs: keyword arguments of the env (max_turns, max_pixels, reward, ...), not `tasks`.
         A `judge` config becomes one `cv_env.judge.LLMJudge` that all the engine's envs share.
@@ -78,23 +115,8 @@ class RolloutEngine:
     and overhead_per_turn_s ((total - generate) / turns).
     """
 
-    def __init__(
-        self,
-        policy_or_backend,
-        sandbox: Sandbox,
-        env_kwargs: dict | None = None,
-        sampling: SamplingParams | dict | None = None,
-        max_total_tokens: int = 8192,
-        step_workers: int | None = None,
-    ):
-        if hasattr(policy_or_backend, "generate") and hasattr(policy_or_backend, "update_weights"):
-            self.backend = policy_or_backend
-        elif hasattr(policy_or_backend, "renderer") and hasattr(policy_or_backend, "model"):
-            self.backend = HFBackend(policy_or_backend)
-        else:
-            raise TypeError(
-                f"RolloutEngine needs a Policy or a generation backend, got {type(policy_or_backend).__name__}"
-            )
+    def __init__(self, policy_or_backend, sandbox: Sandbox, env_kwargs: dict | None = None,
+                 sampling: Any = None, max_total_tokens: int = 8192, step_workers: int | None = None):
         if not isinstance(sandbox, Sandbox):
             raise TypeError(f"sandbox must be a shared cv_env.sandbox.Sandbox, got {type(sandbox).__name__}")
         env_kwargs = dict(env_kwargs or {})
@@ -103,6 +125,33 @@ class RolloutEngine:
                 raise ValueError(f"env_kwargs must not set {key!r}: the engine passes tasks per rollout and its sandbox")
         if max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {max_total_tokens}")
+        self.chat = hasattr(policy_or_backend, "respond")
+        self.renderer = None
+        if self.chat:
+            self.backend = policy_or_backend
+            self.sampling = sampling
+        else:
+            self._init_tokens(policy_or_backend, env_kwargs, sampling)
+        judge = env_kwargs["judge"] = make_judge(env_kwargs.get("judge"))
+        self.sandbox = sandbox
+        self.env_kwargs = env_kwargs
+        self.max_total_tokens = int(max_total_tokens)
+        judge_calls = judge.config.max_concurrency if judge is not None else 0
+        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * sandbox.workers + judge_calls)
+        self._envs: list = []
+        self.last_timings: dict[str, float] = {}
+
+    def _init_tokens(self, policy_or_backend, env_kwargs: dict, sampling: Any) -> None:
+        from agents.conversation import ChatRenderer
+        from agents.generation import HFBackend, SamplingParams
+
+        if hasattr(policy_or_backend, "generate") and hasattr(policy_or_backend, "update_weights"):
+            self.backend = policy_or_backend
+        elif hasattr(policy_or_backend, "renderer") and hasattr(policy_or_backend, "model"):
+            self.backend = HFBackend(policy_or_backend)
+        else:
+            raise TypeError(f"RolloutEngine needs a Policy or a generation backend (or a chat backend: respond), "
+                            f"got {type(policy_or_backend).__name__}")
         # The system turn lists the tool schemas of the envs' prompt preset (none for "compact"),
         # rendered the policy's way (its template choice and tool reply format).
         tools = list(get_prompt(env_kwargs.get("prompt", "full")).tools)
@@ -111,17 +160,9 @@ class RolloutEngine:
                          else ChatRenderer(self.backend.processor, tools=tools))
         if "system_prompt" not in env_kwargs:  # a template that opens <think> gets a prompt that does not ask for it
             env_kwargs["prompt"] = self.renderer.prompt_for(env_kwargs.get("prompt", "full"))
-        judge = env_kwargs["judge"] = make_judge(env_kwargs.get("judge"))
-        self.sandbox = sandbox
-        self.env_kwargs = env_kwargs
         self.sampling = SamplingParams.from_dict(sampling)
-        self.max_total_tokens = int(max_total_tokens)
         self.tokenizer = self.renderer.tokenizer
         self.end_of_turn_id = self.renderer.closing_ids[0]
-        judge_calls = judge.config.max_concurrency if judge is not None else 0
-        self._pool = ThreadPoolExecutor(max_workers=step_workers or 2 * sandbox.workers + judge_calls)
-        self._envs: list = []
-        self.last_timings: dict[str, float] = {}
 
     def close(self) -> None:
         """Close the engine's envs and threads (the shared sandbox stays open)."""
@@ -142,13 +183,8 @@ class RolloutEngine:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def rollout(
-        self,
-        tasks: Sequence[Task],
-        n: int = 1,
-        group_ids: Sequence[str] | None = None,
-        seed: int = 0,
-    ) -> list[Trajectory]:
+    def rollout(self, tasks: Sequence[Task], n: int = 1, group_ids: Sequence[str] | None = None,
+                seed: int = 0) -> list[Trajectory]:
         """Play `n` episodes of each task; trajectories come back task by task, sample by sample.
 
         group_ids: one id per task (default: the task id), shared by its n samples (GRPO groups).
@@ -171,26 +207,7 @@ class RolloutEngine:
         turn = 0
         while live := [ep for ep in episodes if not ep.done]:
             t0 = time.perf_counter()
-            steps: list = []
-
-            def on_finish(i: int, result, live=live, steps=steps) -> None:
-                # A row's turn is complete: step its env now, while the batch may still be generating.
-                ep = live[i]
-                ep.state.append_sampled(result.token_ids, result.logprobs)
-                ep.action = self._action_text(result.token_ids)
-                steps.append(self._pool.submit(self._step, ep))
-
-            self.backend.generate(
-                [
-                    GenerationRequest(ep.state.token_ids, ep.state.images, list(ep.state.pixel_values),
-                                      ep.state.image_grid_thw, self.max_total_tokens - len(ep.state),
-                                      key=f"{ep.index}", task=ep.task)
-                    for ep in live
-                ],
-                self.sampling,
-                seed=seed * 100_003 + turn,
-                on_finish=on_finish,
-            )
+            steps = self._act(live, seed * 100_003 + turn)
             generate_s = time.perf_counter() - t0
             if len(steps) != len(live):
                 raise RuntimeError(f"the backend reported {len(steps)} finished turns for {len(live)} requests: "
@@ -212,29 +229,57 @@ class RolloutEngine:
         self.last_timings = totals
         return trajectories
 
+    def _act(self, live: list[_Episode], seed: int) -> list:
+        """One turn of every live episode: the policy's actions, each stepped on the pool as soon as it is known."""
+        if self.chat:
+            requests = [ChatRequest(list(ep.messages), ep.tools, ep.observation, str(ep.index), ep.task)
+                        for ep in live]
+            actions = self.backend.respond(requests, self.sampling, seed=seed)
+            return [self._pool.submit(self._step, ep, action) for ep, action in zip(live, actions)]
+        from agents.generation import GenerationRequest
+
+        steps: list = []
+
+        def on_finish(i: int, result) -> None:
+            # A row's turn is complete: step its env now, while the batch may still be generating.
+            ep = live[i]
+            ep.state.append_sampled(result.token_ids, result.logprobs)
+            steps.append(self._pool.submit(self._step, ep, self._action_text(result.token_ids)))
+
+        self.backend.generate(
+            [GenerationRequest(ep.state.token_ids, ep.state.images, list(ep.state.pixel_values),
+                               ep.state.image_grid_thw, self.max_total_tokens - len(ep.state),
+                               key=f"{ep.index}", task=ep.task) for ep in live],
+            self.sampling, seed=seed, on_finish=on_finish)
+        return steps
+
     def _start(self, tasks: list[Task], n: int, group_ids: list[str], seed: int) -> list[_Episode]:
         while len(self._envs) < len(tasks) * n:
             self._envs.append(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=self.sandbox,
                                        disable_env_checker=True, **self.env_kwargs))
 
-        def reset(index: int):
-            env = self._envs[index]
-            env.reset(seed=seed + index, options={"task": tasks[index // n]})
-            # The n samples of a task share one prompt: render it once, copy the tokens.
-            return self.renderer.start(env.unwrapped.messages) if index % n == 0 else None
-
-        states = list(self._pool.map(reset, range(len(tasks) * n)))
-        episodes = []
-        for index, state in enumerate(states):
+        def reset(index: int) -> _Episode:
             task = tasks[index // n]
-            state = state if state is not None else states[index - index % n].copy()
-            if len(state) >= self.max_total_tokens:
-                raise ValueError(
-                    f"the prompt of task {task.id!r} has {len(state)} tokens, which leaves no room in "
-                    f"max_total_tokens={self.max_total_tokens}: raise the budget or lower the env's max_pixels"
-                )
-            episodes.append(_Episode(self._envs[index], task, str(group_ids[index // n]), index % n, state,
-                                     index=index))
+            obs, info = self._envs[index].reset(seed=seed + index, options={"task": task})
+            messages = [{"role": "system", "content": [{"type": "text", "text": info["system_prompt"]}]},
+                        observation_message(obs)]
+            ep = _Episode(self._envs[index], task, str(group_ids[index // n]), index % n, index, obs, messages,
+                          info["tools"])
+            # The n samples of a task share one prompt: render it once, copy the tokens.
+            if self.renderer is not None and index % n == 0:
+                ep.state = self.renderer.start(messages)
+            return ep
+
+        episodes = list(self._pool.map(reset, range(len(tasks) * n)))
+        if self.renderer is not None:
+            for index, ep in enumerate(episodes):
+                if ep.state is None:
+                    first = episodes[index - index % n]
+                    ep.state, ep.messages = first.state.copy(), [first.messages[0], first.messages[1]]
+                if len(ep.state) >= self.max_total_tokens:
+                    raise ValueError(
+                        f"the prompt of task {ep.task.id!r} has {len(ep.state)} tokens, which leaves no room in "
+                        f"max_total_tokens={self.max_total_tokens}: raise the budget or lower the env's max_pixels")
         return episodes
 
     def _action_text(self, ids: list[int]) -> str:
@@ -245,27 +290,69 @@ class RolloutEngine:
             ids = ids[:-1]
         return self.renderer.prefill + self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _step(self, ep: _Episode) -> None:
-        """One env step for one episode, then its delta (or its end); runs on the thread pool.
-        An exception ends this episode, not the rollout (`_end_by_error`)."""
+    def _step(self, ep: _Episode, action: str | dict) -> None:
+        """One env step for one episode, then its reply's tokens (or its end); runs on the thread
+        pool. An exception ends this episode, not the rollout (`_end_by_error`)."""
+        turns = len(ep.turns)
         try:
-            self._step_episode(ep)
+            self._step_episode(ep, action)
         except Exception as exc:  # noqa: BLE001 - whatever it was, it is this episode's end
+            if len(ep.turns) == turns:  # the step itself failed: the turn paid nothing
+                ep.turns.append({"action": action_text(action), "reward": 0.0})
             self._end_by_error(ep, exc)
+
+    def _step_episode(self, ep: _Episode, action: str | dict) -> None:
+        t0 = time.perf_counter()
+        obs, reward, terminated, truncated, info = ep.env.step(action)
+        ep.timings["env_s"] += time.perf_counter() - t0
+        ep.messages.append(assistant_message(action))
+        turn = {"action": action_text(action), "reward": float(reward),
+                "tool_ok": info.get("tool_ok"), "ops": tuple(info.get("ops", ()))}
+        ep.turns.append(turn)
+        if terminated or truncated:
+            ep.info = info
+            self._finish(ep, info.get("truncation", "max_turns") if truncated else "")
+            return
+        ep.observation = obs
+        reply = observation_message(obs)
+        turn.update(reply_text=obs["text"], reply_images=tuple(part["image"] for part in reply["content"]
+                                                                if part["type"] == "image"))
+        ep.messages.append(reply)
+        if self.renderer is None:  # a chat model sees every reply
+            turn["reply_shown"] = True
+            return
+        t1 = time.perf_counter()
+        delta = self.renderer.delta(ep.state, ep.messages)
+        closing = self.renderer.closing_for(ep.state)
+        # +1: the next turn must be able to sample at least one token.
+        if len(ep.state) + len(closing) + len(delta.ids) + 1 > self.max_total_tokens:
+            self._end(ep, "token_budget")
+        else:
+            self.renderer.close_turn(ep.state)
+            self.renderer.append_delta(ep.state, delta, len(ep.messages))
+            turn["reply_shown"] = True
+        ep.timings["render_s"] += time.perf_counter() - t1
+
+    def _end(self, ep: _Episode, reason: str) -> None:
+        """End a running episode through the env (`EndEpisode`); its settlement goes to the last turn."""
+        _, reward, _, _, ep.info = ep.env.step(EndEpisode(reason))
+        ep.turns[-1]["reward"] += float(reward)
+        self._finish(ep, reason)
 
     def _end_by_error(self, ep: _Episode, exc: Exception) -> None:
         """End an episode that raised: truncated ("error"), settled by the env when it still can."""
         ep.error = f"{type(exc).__name__}: {exc}"[:2000]
         try:
-            final_reward, ep.info = ep.env.unwrapped.truncate()
+            self._end(ep, "error")
         except Exception:  # noqa: BLE001 - the env had ended it, or cannot settle it: what it paid stands
-            final_reward = 0.0
+            self._finish(ep, "error")
         ep.info = {**ep.info, "error": ep.error}
-        if len(ep.turn_rewards) < len(ep.state.turn_ends):
-            ep.turn_rewards.append(0.0)  # the failed turn's own step paid nothing
-        if ep.turn_rewards:
-            ep.turn_rewards[-1] += float(final_reward)
-        self._finish(ep, "error")
+
+    def _finish(self, ep: _Episode, truncation: str) -> None:
+        ep.done, ep.truncation = True, truncation
+        if self.renderer is not None and ep.state.turn_open:
+            if len(ep.state) + len(self.renderer.closing_for(ep.state)) <= self.max_total_tokens:
+                self.renderer.close_turn(ep.state)  # the sequence then ends as a full render does
 
     def _check_systemic(self, failed: list[_Episode], total: int) -> None:
         """Raise when the failures of a rollout are not one episode's: all of them failed, or the
@@ -284,70 +371,40 @@ class RolloutEngine:
             raise RuntimeError(f"the shared sandbox no longer runs code ({problem}); {len(failed)} of {total} "
                                f"episodes ended by an error, the first: {failed[0].error}. Start a new Sandbox")
 
-    def _step_episode(self, ep: _Episode) -> None:
-        t0 = time.perf_counter()
-        _, reward, terminated, truncated, info = ep.env.step(ep.action)
-        ep.timings["env_s"] += time.perf_counter() - t0
-        ep.turn_rewards.append(float(reward))
-        ep.turn_ops.append(list(info.get("ops", [])))
-        ep.num_tool_calls += "tool_ok" in info
-        if terminated or truncated:
-            ep.info = info
-            self._finish(ep, "max_turns" if truncated else "")
-            return
-        t1 = time.perf_counter()
-        messages = ep.env.unwrapped.messages
-        delta = self.renderer.delta(ep.state, messages)
-        closing = self.renderer.closing_for(ep.state)
-        # +1: the next turn must be able to sample at least one token.
-        if len(ep.state) + len(closing) + len(delta.ids) + 1 > self.max_total_tokens:
-            final_reward, ep.info = ep.env.unwrapped.truncate()
-            ep.turn_rewards[-1] += float(final_reward)
-            self._finish(ep, "token_budget")
-        else:
-            self.renderer.close_turn(ep.state)
-            self.renderer.append_delta(ep.state, delta, len(messages))
-        ep.timings["render_s"] += time.perf_counter() - t1
-
-    def _finish(self, ep: _Episode, truncation: str) -> None:
-        ep.done, ep.truncation = True, truncation
-        if len(ep.state) + len(self.renderer.closing_for(ep.state)) <= self.max_total_tokens:
-            self.renderer.close_turn(ep.state)  # the sequence then ends as a full render does
-
     def _trajectory(self, ep: _Episode) -> Trajectory:
-        state = ep.state
-        token_rewards = [0.0] * len(state)
-        for position, reward in zip(state.turn_ends, ep.turn_rewards):
-            token_rewards[position] += reward
-        components = dict(ep.info.get("reward_components", {}))
+        state, info = ep.state, ep.info
+        prompt = ep.messages[1]
+        if state is None:
+            turns = [Turn(**fields) for fields in ep.turns]
+        else:
+            prompt_ids, spans = state.turns()
+            turns = [Turn(**fields, sampled_ids=sampled, logprobs=logprobs, context_ids=context)
+                     for fields, (sampled, logprobs, context) in zip(ep.turns, spans)]
         return Trajectory(
-            task_id=ep.task.id,
-            group_id=ep.group_id,
-            category=ep.task.category,
-            token_ids=list(state.token_ids),
-            loss_mask=list(state.loss_mask),
-            sampler_logprobs=list(state.sampler_logprobs),
-            token_rewards=token_rewards,
-            turn_ends=list(state.turn_ends),
-            turn_rewards=list(ep.turn_rewards),
-            reward=float(sum(ep.turn_rewards)),
-            reward_components=components,
-            images=list(state.images),
-            image_grid_thw=[list(g) for g in state.image_grid_thw],
-            pixel_values=state.all_pixel_values(),
-            success=bool(ep.info.get("correct", False)),
-            num_turns=len(state.turn_ends),
-            num_tool_calls=ep.num_tool_calls,
-            truncated=bool(ep.truncation),
-            truncation=ep.truncation,
-            error=ep.error,
-            prompt_length=state.prompt_length,
-            temperature=self.sampling.logprob_temperature,
-            sample_index=ep.sample_index,
-            answer=ep.info.get("answer"),
-            used_ops=list(ep.info.get("used_ops", [])),
-            num_failed_calls=int(ep.info.get("n_failed", 0)),
-            turn_ops=list(ep.turn_ops),
+            task_id=ep.task.id, group_id=ep.group_id, category=ep.task.category, sample_index=ep.sample_index,
+            prompt_text=prompt["content"][-1]["text"],
+            prompt_images=tuple(part["image"] for part in prompt["content"] if part["type"] == "image"),
+            turns=tuple(turns), success=bool(info.get("correct", False)), answer=info.get("answer"),
+            reward_components=dict(info.get("reward_components", {})), used_ops=tuple(info.get("used_ops", ())),
+            num_tool_calls=int(info.get("n_calls", sum(turn.tool_ok is not None for turn in turns))),
+            num_failed_calls=int(info.get("n_failed", 0)), truncation=ep.truncation, error=ep.error,
+            judge=dict(info.get("judge", {})),
+            prompt_ids=prompt_ids if state is not None else (),
+            image_grid_thw=[list(g) for g in state.image_grid_thw] if state is not None else [],
+            pixel_values=state.all_pixel_values() if state is not None else None,
+            temperature=self.sampling.logprob_temperature if state is not None else 1.0,
             timings=dict(ep.timings),
-            judge=dict(ep.info.get("judge", {})),
         )
+
+
+def play(agent_factory, tasks: Sequence[Task], sandbox: Sandbox, n: int = 1, seed: int = 0,
+         **env_kwargs) -> list[Trajectory]:
+    """Scripted agents through the loop: `agent_factory(index)` plays the rollout's episode `index`
+    (task i's sample s is i * n + s). env_kwargs: the env's (max_turns, reward, ...).
+
+        (trajectory,) = play(lambda index: OracleAgent(), [task], sandbox, max_turns=4)
+    """
+    from agents.scripted import ScriptedAgents
+
+    with RolloutEngine(ScriptedAgents(agent_factory), sandbox=sandbox, env_kwargs=env_kwargs) as engine:
+        return engine.rollout(tasks, n=n, seed=seed)

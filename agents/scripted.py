@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -198,6 +198,38 @@ def ideal_reward(task: Task, reward: RewardConfig | None = None, tools: bool = T
         bbox=task.bbox, n_calls=calls, n_failed=0,
     )
     return episode_components(outcome, cfg)
+
+
+class ScriptedAgents:
+    """A chat backend whose "model" is one scripted agent per episode, for `agents.rollout.RolloutEngine`.
+
+    agent_factory(index): the agent of the rollout's episode `index` (task i's sample s is
+    episode i * n + s); it is reset with the episode's task and acts on each new observation.
+
+        engine = RolloutEngine(ScriptedAgents(lambda index: RandomAgent(seed=index)), sandbox=sandbox)
+    """
+
+    def __init__(self, agent_factory: Callable[[int], Any] = lambda index: OracleAgent()) -> None:
+        self.agent_factory = agent_factory
+        self._agents: dict[str, Any] = {}
+
+    def respond(self, requests: Sequence[Any], sampling: Any = None, seed: int | None = None) -> list[str]:
+        """Each request's episode agent's next turn (`agents.rollout.ChatRequest`s in, str actions out)."""
+        actions = []
+        for request in requests:
+            agent = self._agents.get(request.key)
+            if agent is None:  # the episode's first turn
+                agent = self._agents[request.key] = self.agent_factory(int(request.key))
+                agent.reset(request.task)
+            actions.append(agent.act(request.observation))
+        return actions
+
+    def reset(self) -> None:
+        """Forget every episode's agent (the engine calls it at the start of each rollout)."""
+        self._agents.clear()
+
+    def update_weights(self, model) -> None:
+        """No-op: a scripted agent has no weights."""
 
 
 def play_episode(env, agent, options: dict | None = None, seed: int | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The trajectory viewer: episodes rendered to one self-contained HTML page.
 
     python -m agents.viewer runs/eval/transcripts/model.jsonl -o page.html
-    python -m agents.viewer runs/demos/oracle.jsonl --model tiny:qwen2_5_vl -o page.html   # Trajectory JSONL
+    python -m agents.viewer runs/demos/oracle.jsonl -o page.html     # any JSONL of agents.jsonl.write_jsonl
 
 For each episode: the task (question, input images, ground truth), then every assistant turn
 (its thinking, code or answer, the parse error of a malformed turn), the env's reply (text,
@@ -11,8 +11,7 @@ page is one file that opens anywhere offline; all model text is HTML-escaped.
 
 From Python:
 
-    write_html(transcripts, "page.html")                                  # agents.transcript.Transcript
-    write_trajectories_html(trajectories, policy.processor, "page.html")  # agents.trajectory.Trajectory
+    write_html([Transcript.of(t, task) for t, task in zip(trajectories, tasks)], "page.html")
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,9 +27,9 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from agents.transcript import Transcript, TurnRecord, from_trajectory, read_transcripts
+from agents.transcript import Transcript, TurnRecord, read_transcripts
 
-__all__ = ["render_html", "write_html", "write_trajectories_html", "load_episodes", "thumbnail_data_uri", "main"]
+__all__ = ["render_html", "write_html", "load_episodes", "thumbnail_data_uri", "main"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -136,10 +134,7 @@ def _episode_html(index: int, episode: Transcript, max_side: int) -> str:
     badges = "".join(f'<span class="badge">{_e(t)}</span>' for t in tags if t)
     verdict = f'<span class="badge {"ok" if episode.success else "bad"}">{"correct" if episode.success else "wrong"}</span>'
     truncated = f'<span class="badge bad">truncated: {_e(episode.truncation or "yes")}</span>' if episode.truncated else ""
-    if episode.used_ops is None:
-        ops = "unknown"  # rebuilt from tokens, which do not record ops
-    else:
-        ops = "".join(f'<span class="op">{_e(op)}</span>' for op in episode.used_ops) or "none"
+    ops = "".join(f'<span class="op">{_e(op)}</span>' for op in episode.used_ops) or "none"
     parts = [
         f'<section class="episode {status}" id="ep{index}"><header><strong>{_e(episode.task_id)}</strong>{badges}'
         f'{verdict}{truncated}<span class="reward">total reward {_signed(episode.reward)}</span></header>',
@@ -184,65 +179,24 @@ def write_html(episodes: Sequence[Transcript], path: str | os.PathLike, title: s
     return path
 
 
-def write_trajectories_html(trajectories: Sequence[Any], processor, path: str | os.PathLike,
-                            tasks: Sequence[Any] | None = None, title: str = "CodeVision trajectories",
-                            subtitle: str = "") -> Path:
-    """The page of `agents.trajectory.Trajectory` records (e.g. a training step's rollouts).
-
-    processor: the policy's processor or tokenizer (the turns are decoded from the tokens).
-    tasks: optionally each trajectory's task, for the ground truth and robustness variant.
-    """
-    if tasks is not None and len(tasks) != len(trajectories):
-        raise ValueError(f"got {len(tasks)} tasks for {len(trajectories)} trajectories: give one per trajectory or none")
-    episodes = [from_trajectory(t, processor, task=tasks[i] if tasks is not None else None)
-                for i, t in enumerate(trajectories)]
-    return write_html(episodes, path, title, subtitle)
-
-
-def load_episodes(path: str | os.PathLike, model: Any = None) -> list[Transcript]:
-    """Episodes from a JSONL of transcripts (`agents.transcript`) or of trajectories (`agents.trajectory`).
-
-    model: for trajectory files, the `agents.loading` spec whose tokenizer decodes the tokens, or
-    that processor / tokenizer itself.
-    """
+def load_episodes(path: str | os.PathLike) -> list[Transcript]:
+    """Episodes from a JSONL of transcripts or trajectories (`agents.jsonl.write_jsonl`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a .jsonl written by write_transcripts or write_jsonl")
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), None)
-    if first is None:
-        return []
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSONL ({error.msg})") from error
-    if "token_ids" not in record:
-        return read_transcripts(path)
-    if not model:
-        raise ValueError(f"{path} holds Trajectory records (token ids): pass --model with the policy whose tokenizer "
-                         "wrote them (e.g. --model tiny:qwen2_5_vl) so the turns can be decoded")
-    from agents.trajectory import read_jsonl
-
-    if isinstance(model, (str, os.PathLike)):
-        from agents.loading import load_processor
-
-        processor = load_processor(model)
-    else:
-        processor = model
-    return [from_trajectory(t, processor) for t in read_jsonl(path)]
+        raise FileNotFoundError(f"{path} does not exist: give a .jsonl written by agents.jsonl.write_jsonl")
+    return read_transcripts(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render episodes (transcript or trajectory JSONL) to one HTML page.")
-    parser.add_argument("jsonl", help="a transcripts .jsonl (algos.evaluate) or a trajectories .jsonl (write_jsonl)")
+    parser.add_argument("jsonl", help="a transcripts (algos.evaluate) or trajectories .jsonl (agents.jsonl.write_jsonl)")
     parser.add_argument("-o", "--output", help="the HTML file to write (default: the input with .html)")
-    parser.add_argument("--model", help="for trajectory files: the model spec whose tokenizer decodes them")
     parser.add_argument("--limit", type=int, default=0, help="render only the first N episodes (0 = all)")
     parser.add_argument("--failures", action="store_true", help="render only the episodes answered wrong")
     parser.add_argument("--title", default=None, help="page title (default: the file name)")
     args = parser.parse_args(argv)
     try:
-        episodes = load_episodes(args.jsonl, args.model)
+        episodes = load_episodes(args.jsonl)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,9 +8,9 @@
 Plays every task (and, with `robustness=true`, each task under the five orientation transforms
 of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary `transform`,
 such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
-through the rollout engine (greedy, or `samples` sampled runs), a served model (`openai:<name>`)
-through its OpenAI-compatible endpoint (`agents.served`), the scripted agents (`oracle`,
-`random`) directly.
+through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
+`random`) through the same engine (`agents.scripted.ScriptedAgents`), a served model
+(`openai:<name>`) through its OpenAI-compatible endpoint (`agents.served`).
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
 
@@ -30,25 +30,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-import gymnasium as gym
-
 import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.scripted import OracleAgent, RandomAgent
-from agents.transcript import Transcript, play_transcript, write_transcripts
+from agents.jsonl import write_jsonl
+from agents.transcript import Transcript
 from agents.viewer import write_html
 from algos.cli import hydra_main
 from algos.eval_config import EvalConfig, normalize_overrides
 from algos.metrics import rank_cases, report_markdown, report_metrics, summarize
 from algos.tracking import Tracker, say
 from cv_env.sandbox import Sandbox
-from cv_env.judge import make_judge
 from cv_env.task import ORIENT_OPS, Task
 from cv_env.tasks import RobustnessWrapper, load_tasks
 from cv_env.tasks.parquet import ParquetTasks
@@ -96,63 +92,46 @@ def _progress(total: int, desc: str):
 
 
 def run_scripted(name: str, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, samples: int = 1) -> list[Transcript]:
-    """Play `samples` episodes of every task with the scripted agent `name` ("oracle" | "random").
-
-    Episodes run concurrently, one env per thread, all on the shared `sandbox`. Results come
-    back task by task, sample by sample.
-    """
+    """Play `samples` episodes of every task with the scripted agent `name` ("oracle" | "random")
+    through the rollout engine, `cfg.batch_size` episodes at a time on the shared `sandbox`.
+    Results come back task by task, sample by sample."""
     if name not in ("oracle", "random"):
         raise ValueError(f"unknown scripted agent {name!r}: use oracle or random")
-    jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
-    env_kwargs = cfg.env_kwargs()
-    env_kwargs["judge"] = judge = make_judge(env_kwargs["judge"])  # one judge for every env
-    workers = max(1, min(len(jobs), 2 * sandbox.workers + (judge.config.max_concurrency if judge else 0)))
-    envs: queue.Queue = queue.Queue()
-    for _ in range(workers):
-        envs.put(gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, disable_env_checker=True, **env_kwargs))
+    from agents.scripted import ScriptedAgents
 
-    def play(job: tuple[int, int]) -> Transcript:
-        index, sample = job
-        agent = OracleAgent() if name == "oracle" else RandomAgent(seed=cfg.seed * 1_000_003 + index * samples + sample)
-        env = envs.get()
-        try:
-            return play_transcript(env, agent, tasks[index], seed=cfg.seed + index, sample_index=sample, agent_name=name)
-        finally:
-            envs.put(env)
+    def factory(first: int):
+        # Episode `index` of the rollout starting at task `first` is task first + index // samples.
+        return lambda index: OracleAgent() if name == "oracle" else RandomAgent(
+            seed=cfg.seed * 1_000_003 + first * samples + index)
 
-    out = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool, _progress(len(jobs), name) as bar:
-            for transcript in pool.map(play, jobs):
-                out.append(transcript)
-                bar.update(1)
-    finally:
-        while not envs.empty():
-            envs.get().close()
-    return out
+    return _run(ScriptedAgents(), tasks, cfg, sandbox, name, samples, factory)
 
 
 def run_model(policy, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, name: str = "model") -> list[Transcript]:
     """Roll out `policy` (an `agents.policy.Policy` or generation backend) on every task.
 
     `cfg.samples` episodes per task at `cfg.temperature` (0 = greedy), `cfg.batch_size` episodes
-    per rollout call. Each trajectory is decoded into a `Transcript`.
+    per rollout call.
     """
-    from agents.rollout import RolloutEngine
-    from agents.transcript import from_trajectory
-
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens)
-    chunk = max(1, cfg.batch_size // cfg.samples)
+    return _run(policy, tasks, cfg, sandbox, name, cfg.samples, None, sampling)
+
+
+def _run(policy, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, name: str, samples: int,
+         agent_factory=None, sampling=None) -> list[Transcript]:
+    """Every task `samples` times through one `RolloutEngine`, as transcripts (the loop of both runs)."""
+    from agents.rollout import RolloutEngine
+
+    chunk = max(1, cfg.batch_size // samples)
     out: list[Transcript] = []
     with RolloutEngine(policy, sandbox=sandbox, env_kwargs=cfg.env_kwargs(), sampling=sampling,
-                       max_total_tokens=cfg.max_total_tokens) as engine, \
-            _progress(len(tasks) * cfg.samples, name) as bar:
+                       max_total_tokens=cfg.max_total_tokens) as engine, _progress(len(tasks) * samples, name) as bar:
         for start in range(0, len(tasks), chunk):
             batch = list(tasks[start:start + chunk])
-            trajectories = engine.rollout(batch, n=cfg.samples, seed=cfg.seed + start)
-            for i, trajectory in enumerate(trajectories):
-                out.append(from_trajectory(trajectory, engine.backend.processor, task=batch[i // cfg.samples],
-                                           agent_name=name))
+            if agent_factory is not None:
+                engine.backend.agent_factory = agent_factory(start)
+            trajectories = engine.rollout(batch, n=samples, seed=cfg.seed + start)
+            out.extend(Transcript.of(t, task=batch[i // samples], agent=name) for i, t in enumerate(trajectories))
             bar.update(len(trajectories))
     return out
 
@@ -264,9 +243,9 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
     if cfg.write_transcripts:
         for name, transcripts in results.items():
             path = out_dir / "transcripts" / f"{_safe(name)}.jsonl"
-            path.unlink(missing_ok=True)  # write_transcripts appends: start this run's file afresh
+            path.unlink(missing_ok=True)  # write_jsonl appends: start this run's file afresh
             shutil.rmtree(path.parent / f"{path.stem}_images", ignore_errors=True)
-            write_transcripts(transcripts, path)
+            write_jsonl(transcripts, path)
     metrics = report_metrics(summaries[main_label], "val")
     metrics.update({f"val/{k}": v for k, v in served.items() if k.startswith("served/")})
     for name, summary in summaries.items():

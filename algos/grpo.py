@@ -17,9 +17,9 @@ with DAPO's clip-higher, over-long masking and dynamic sampling (Yu et al. 2025)
 Under `torchrun` every rank rolls out and trains on its own prompts; gradients are averaged and
 rank 0 logs. With `trainer.fsdp=true` the policy is sharded over the ranks with FSDP2: rollouts
 and scoring run on gathered weights (`fsdp2_gathered`), the updates in lock-step. The pieces GRPO
-shares with PPO live in `algos.rollouts` (before the algorithm), `algos.run` (the run's set-up,
-resume, checkpoints and summary) and `algos.update` (the optimizer step). Configuration:
-`conf/grpo.yaml` (every key commented) and `algos/config.py`.
+shares with PPO live in `algos.engines`, `algos.groups` and `algos.metrics` (around the
+algorithm), `algos.run` (the run's set-up, resume, checkpoints and summary) and `algos.update`
+(the optimizer step). Configuration: `conf/grpo.yaml` (every key commented) and `algos/config.py`.
 """
 
 from __future__ import annotations
@@ -32,28 +32,18 @@ from typing import Any, Sequence
 import torch
 
 from agents.policy import Policy
-from agents.rollout import Trajectory
+from agents.trajectory import Trajectory, TrajectoryGroup
 from algos.advantages import grpo_advantages, rloo_advantages
 from algos.batching import group_minibatches, pad_rows
 from algos.cli import hydra_main
 from algos.config import GRPOConfig
 from algos.distributed import all_reduce_mean, fsdp2_gathered, fsdp2_wrap, gather_lists, get_world_size, is_fsdp2, is_main
 from algos.losses import aggregate, kl_penalty, policy_loss
+from algos.engines import check_rollout_backend, load_task_splits, open_engines, validate
+from algos.groups import flatten_groups, group_index, groups_with_signal, loss_keep_mask, make_groups, rewards_of
+from algos.metrics import report_episode_errors, sample_table, step_metrics
 from algos.optim import build_optimizer, build_scheduler
 from algos.prompt_sampler import PromptSampler
-from algos.rollouts import (
-    check_rollout_backend,
-    group_index,
-    group_reward_terms,
-    groups_with_signal,
-    load_task_splits,
-    loss_keep_mask,
-    open_engines,
-    report_episode_errors,
-    sample_table,
-    step_metrics,
-    validate,
-)
 from algos.run import due, finish, finished, load_policy, load_reference, open_tracker, resume, save, start_run, timed
 from algos.scoring import score_trajectories
 from algos.update import mean_metrics, update_step
@@ -66,9 +56,10 @@ __all__ = ["run", "main", "compute_advantages", "grpo_update"]
 # --------------------------------------------------------------------------------------------
 
 
-def compute_advantages(rewards_G: torch.Tensor, trajectories: Sequence[Trajectory], estimator: str) -> torch.Tensor:
-    """[G] advantages of the trajectories from their rewards and groups (grpo | drgrpo | rloo)."""
-    group_ids_G = group_index(trajectories)
+def compute_advantages(rewards_G: torch.Tensor, groups: Sequence[TrajectoryGroup], estimator: str) -> torch.Tensor:
+    """[G] advantages of the groups' trajectories (`flatten_groups` order) from their rewards
+    (grpo | drgrpo | rloo)."""
+    group_ids_G = group_index(groups)
     if estimator == "grpo":
         return grpo_advantages(rewards_G, group_ids_G, norm_by_std=True)
     if estimator == "drgrpo":
@@ -256,11 +247,11 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             # step_s: waiting for env steps (the sandbox) once generation is done; not the overlapped part.
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
-            # 3. group terms, then which trajectories enter the loss
-            adjustments = group_reward_terms(trajectories, reward_cfg)
-            rewards_G = torch.tensor([tr.reward + adj for tr, adj in zip(trajectories, adjustments)],
-                                     dtype=torch.float32)
-            keep = loss_keep_mask(trajectories, rewards_G, a.mask_truncated, a.dynamic_sampling)
+            # 3. the groups with their terms, then which trajectories enter the loss
+            groups = make_groups(trajectories, reward_cfg)
+            trajectories = flatten_groups(groups)
+            rewards_G = torch.tensor(rewards_of(groups), dtype=torch.float32)
+            keep = loss_keep_mask(groups, a.mask_truncated, a.dynamic_sampling)
 
             # 4. reference log-probs (KL), then advantages
             update_start = time.perf_counter()
@@ -279,7 +270,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
                     sampled = torch.tensor(tr.loss_mask, dtype=torch.bool)
                     behaviour = old_logprobs[i] if old_logprobs else torch.tensor(tr.sampler_logprobs)
                     kl_G[i] = kl_penalty(behaviour[sampled], ref_logprobs[i][sampled], a.kl.kind).sum()
-            advantages_G = compute_advantages(rewards_G - a.kl.coef * kl_G, trajectories, a.advantage_estimator)
+            advantages_G = compute_advantages(rewards_G - a.kl.coef * kl_G, groups, a.advantage_estimator)
 
             # 5. the clipped-surrogate updates
             actor_metrics = grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, keep, cfg,
@@ -293,12 +284,12 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             actor_metrics.setdefault("lr", optimizer.param_groups[0]["lr"])
             metrics = {
-                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, sum(keep)),
+                **step_metrics(groups, reward_cfg.beta, timings, sum(keep)),
                 **all_reduce_mean(actor_metrics),
                 "time/step": time.perf_counter() - step_start,
                 "data/epoch": float(sampler.epoch),
             }
-            signal = gather_lists(groups_with_signal(trajectories, advantages_G))
+            signal = gather_lists(groups_with_signal(groups, advantages_G))
             metrics["data/groups_with_signal"] = sum(signal) / max(1, len(signal))
             if reference is not None and not a.kl.in_loss:
                 kl_per_token = float(kl_G.sum()) / max(1, sum(tr.num_sampled_tokens for tr in trajectories))

@@ -1,4 +1,7 @@
-"""Evaluation figures: episodes (`agents.transcript.Transcript`) in, a report out. Pure functions.
+"""Figures of episodes: a training step's (`step_metrics`, `rollout_metrics`, `validation_metrics`,
+`sample_table`) and an evaluation's (`summarize` ... `report_markdown`). Pure functions.
+
+Evaluation: episodes (`agents.transcript.Transcript`) in, a report out.
 
     summary = summarize(transcripts)                      # one agent
     report = {"agents": {"model": summarize(a), "oracle": summarize(b)}, ...}
@@ -15,12 +18,16 @@ variants), and their unweighted average.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from cv_env.judge import judge_metrics
 from cv_env.tasks.robustness import ROBUSTNESS_VARIANTS
 
-__all__ = ["summarize", "robustness_columns", "rank_cases", "report_markdown", "report_metrics"]
+if TYPE_CHECKING:
+    from agents.trajectory import Trajectory, TrajectoryGroup
+
+__all__ = ["summarize", "robustness_columns", "rank_cases", "report_markdown", "report_metrics", "report_episode_errors",
+           "step_metrics", "episode_summary", "rollout_metrics", "validation_metrics", "sample_table"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -228,3 +235,148 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"- {a}: {links}")
         lines.append("")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# A training step's figures
+# --------------------------------------------------------------------------------------------
+
+
+def report_episode_errors(trajectories: Sequence[Trajectory], step: int) -> None:
+    """Say on the console which of this rank's episodes an exception ended (the run goes on
+    without them; `rollout/episode_errors` counts them)."""
+    failed = [t for t in trajectories if t.error]
+    if failed:
+        print(f"step {step}: {len(failed)} of {len(trajectories)} episodes ended by an error and are left out of "
+              f"the loss; the first (task {failed[0].task_id}): {failed[0].error}", flush=True)
+
+
+def step_metrics(groups: Sequence[TrajectoryGroup], beta: float, timings: dict[str, float],
+                 trajectories_in_loss: int) -> dict[str, float]:
+    """The figures of a step's rollouts that every RL trainer logs, over all ranks (call on each).
+
+    `rollout_metrics` of the episodes scored with the rewards the update used (`rewards_G`, group
+    terms included), reward/necessity (the mean necessity term, when `beta` > 0), the timings
+    averaged over ranks (`timings`: time/rollout, time/sandbox, time/update), throughput/* over
+    the rollout time, and data/trajectories_in_loss summed over ranks.
+    """
+    from algos.distributed import all_reduce_mean
+    from algos.distributed import gather_lists
+
+    trajectories = [t for group in groups for t in group.trajectories_G]
+    rewards_G = [r for group in groups for r in group.rewards_G]
+    adjustments = [term for group in groups for term in group.group_terms_G]
+    summaries = gather_lists([episode_summary(t, float(reward)) for t, reward in zip(trajectories, rewards_G)])
+    timing = all_reduce_mean(timings)
+    rollout_s = max(timing["time/rollout"], 1e-9)
+    metrics = {
+        **rollout_metrics(summaries),
+        **timing,
+        "throughput/tokens_per_s": sum(s["response_length"] for s in summaries) / rollout_s,
+        "throughput/episodes_per_s": len(summaries) / rollout_s,
+        "data/trajectories_in_loss": float(sum(gather_lists([int(trajectories_in_loss)]))),
+    }
+    if beta > 0:
+        metrics["reward/necessity"] = sum(gather_lists(list(adjustments))) / max(1, len(summaries)) / beta
+    return metrics
+
+
+def episode_summary(trajectory: Any, reward: float | None = None) -> dict[str, Any]:
+    """The plain, picklable figures of one `agents.rollout.Trajectory` that the metrics read
+    (small enough to gather from every data-parallel rank).
+
+    reward: the reward the update used (e.g. with group terms added); default the trajectory's.
+    """
+    summary = {
+        "category": trajectory.category,
+        "reward": float(trajectory.reward if reward is None else reward),
+        "components": {k: float(v) for k, v in trajectory.reward_components.items() if k != "total"},
+        "success": bool(trajectory.success),
+        "num_tool_calls": int(trajectory.num_tool_calls),
+        "num_turns": int(trajectory.num_turns),
+        "response_length": int(trajectory.num_sampled_tokens),
+        "truncated": bool(trajectory.truncated),
+        "num_failed_calls": int(trajectory.num_failed_calls),
+        "used_ops": sorted(set(trajectory.used_ops)),
+        "error": bool(getattr(trajectory, "error", "")),
+        "judge": dict(trajectory.judge),  # the LLM judge's ruling on the answer ({} when not asked)
+    }
+    return summary
+
+
+def rollout_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The shared rollout figures of a batch of `episode_summary`s (names: see algos.tracking):
+    reward/total and reward/<component>, tool/calls_per_episode, tool/exec_success,
+    tool/op/<name> (share of episodes), episode/turns, response_length, truncated, success, and
+    rollout/episode_errors (how many episodes an exception ended), and judge/*
+    (`cv_env.judge.judge_metrics`) when the LLM judge was asked."""
+    if not summaries:
+        return {}
+    n = len(summaries)
+    out = {"reward/total": sum(s["reward"] for s in summaries) / n}
+    components: dict[str, float] = defaultdict(float)
+    for s in summaries:
+        for name, value in s["components"].items():
+            components[name] += value
+    out.update({f"reward/{name}": total / n for name, total in components.items()})
+    calls = sum(s["num_tool_calls"] for s in summaries)
+    out["tool/calls_per_episode"] = calls / n
+    failed = sum(s["num_failed_calls"] for s in summaries)
+    out["tool/exec_success"] = (calls - failed) / calls if calls else 0.0
+    op_counts: dict[str, int] = defaultdict(int)
+    for s in summaries:
+        for op in s["used_ops"]:
+            op_counts[op] += 1
+    out.update({f"tool/op/{op}": count / n for op, count in sorted(op_counts.items())})
+    out["episode/turns"] = sum(s["num_turns"] for s in summaries) / n
+    out["episode/response_length"] = sum(s["response_length"] for s in summaries) / n
+    out["episode/truncated"] = sum(s["truncated"] for s in summaries) / n
+    out["episode/success"] = sum(s["success"] for s in summaries) / n
+    out["rollout/episode_errors"] = float(sum(s.get("error", False) for s in summaries))
+    out.update(judge_metrics([s["judge"] for s in summaries if s.get("judge")]))
+    return out
+
+
+def validation_metrics(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """val/acc (answer correct; apart from the shaped reward), val/acc/<category>,
+    val/reward/total, val/tool/calls_per_episode, val/rollout/episode_errors and val/tool/acc_with_calls /
+    acc_without_calls (accuracy of the episodes that did / did not call the tool, where there
+    are any), from greedy `episode_summary`s."""
+    if not summaries:
+        return {}
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for s in summaries:
+        by_category[s["category"]].append(s["success"])
+    n = len(summaries)
+    out = {
+        "val/acc": sum(s["success"] for s in summaries) / n,
+        "val/reward/total": sum(s["reward"] for s in summaries) / n,
+        "val/tool/calls_per_episode": sum(s["num_tool_calls"] for s in summaries) / n,
+        "val/rollout/episode_errors": float(sum(s.get("error", False) for s in summaries)),
+    }
+    out.update({f"val/acc/{c}": sum(v) / len(v) for c, v in sorted(by_category.items())})
+    for name, called in (("acc_with_calls", True), ("acc_without_calls", False)):
+        chosen = [s["success"] for s in summaries if bool(s["num_tool_calls"]) == called]
+        if chosen:
+            out[f"val/tool/{name}"] = sum(chosen) / len(chosen)
+    rulings = [s["judge"] for s in summaries if s.get("judge")]
+    out.update({f"val/{name}": value for name, value in judge_metrics(rulings).items()})
+    return out
+
+
+def sample_table(tokenizer: Any, image_token_id: int, trajectories: Sequence[Any], rewards: Sequence[float],
+                 advantages: Sequence[float], rows: int, max_chars: int = 4000) -> tuple[list[dict], list[list]]:
+    """Rows and images of a `Tracker.log_table` of the first `rows` trajectories: task, reward,
+    advantage, outcome, and the transcript after the prompt (image placeholders left out)."""
+    table, images = [], []
+    for i, t in enumerate(trajectories[:rows]):
+        ids = [token for token in t.token_ids[t.prompt_length:] if token != image_token_id]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        table.append({
+            "task_id": t.task_id, "category": t.category, "reward": float(rewards[i]),
+            "advantage": float(advantages[i]), "success": bool(t.success), "answer": t.answer,
+            "turns": t.num_turns, "tool_calls": t.num_tool_calls, "truncated": t.truncation or "no",
+            "transcript": text if len(text) <= max_chars else text[:max_chars] + " ...",
+        })
+        images.append(list(t.images))
+    return table, images

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from agents.policy import Policy
-from agents.rollout import Trajectory
+from agents.trajectory import Trajectory
 from algos.advantages import gae_advantages, whiten
 from algos.batching import group_minibatches, pad_rows
 from algos.checkpoint import is_complete, load_checkpoint, save_checkpoint
@@ -42,18 +42,10 @@ from algos.distributed import all_reduce_mean, get_world_size, is_main
 from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value_loss
 from algos.optim import build_optimizer, build_scheduler
 from algos.ppo_config import PPOConfig
+from algos.engines import check_rollout_backend, load_task_splits, open_engines, validate
+from algos.groups import flatten_groups, loss_keep_mask, make_groups, rewards_of
+from algos.metrics import report_episode_errors, sample_table, step_metrics
 from algos.prompt_sampler import PromptSampler
-from algos.rollouts import (
-    check_rollout_backend,
-    group_reward_terms,
-    load_task_splits,
-    loss_keep_mask,
-    open_engines,
-    report_episode_errors,
-    sample_table,
-    step_metrics,
-    validate,
-)
 from algos.run import due, finish, finished, load_policy, load_reference, open_tracker, resume, save, start_run, timed
 from algos.scoring import score_trajectories
 from algos.update import mean_metrics, optimizer_step, update_step
@@ -335,9 +327,11 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             rollout_s, sandbox_s = engine.last_timings["total_s"], engine.last_timings["step_s"]
 
             # 3. group terms, and which trajectories enter the losses
-            adjustments = group_reward_terms(trajectories, reward_cfg)
-            rewards_G = torch.tensor([tr.reward + adj for tr, adj in zip(trajectories, adjustments)], dtype=torch.float32)
-            keep = loss_keep_mask(trajectories, rewards_G, a.mask_truncated, False)
+            groups = make_groups(trajectories, reward_cfg)
+            trajectories = flatten_groups(groups)
+            adjustments = [term for group in groups for term in group.group_terms_G]
+            rewards_G = torch.tensor(rewards_of(groups), dtype=torch.float32)
+            keep = loss_keep_mask(groups, a.mask_truncated, False)
             kept = [tr for tr, k in zip(trajectories, keep) if k]
 
             # 4. values at rollout time (and the policy's own log-probs when another engine sampled:
@@ -376,7 +370,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 engine.update_weights(policy.model)
             timings = {"time/rollout": rollout_s, "time/sandbox": sandbox_s, "time/update": update_s}
             metrics = {
-                **step_metrics(trajectories, rewards_G, adjustments, reward_cfg.beta, timings, sum(keep)),
+                **step_metrics(groups, reward_cfg.beta, timings, sum(keep)),
                 **all_reduce_mean({**update_metrics, **critic_metrics}),
                 "time/step": time.perf_counter() - step_start,
                 "data/critic_warmup": float(not train_policy),

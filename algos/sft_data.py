@@ -33,7 +33,7 @@ Accepted files (`.jsonl` / `.json` lines, or `.parquet`; a folder means every su
    `images` list, in order. In parquet, `messages` / `conversations` may also be a JSON string.
 
 2. **Trajectory records** written by `python -m agents.collect` (oracle demonstrations) or by
-   `agents.trajectory.write_jsonl`: token ids, loss mask and PNG images, used as they are. They
+   `agents.jsonl.write_jsonl`: token ids, loss mask and PNG images, used as they are. They
    must have been recorded with the tokenizer of the model being trained (`--model`).
 
 A chat record is rendered exactly as a rollout sees the same conversation: the prompt with the
@@ -62,9 +62,10 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
-from agents.conversation import ChatRenderer, ImageTokenMismatch
+from agents.conversation import ChatRenderer, ImageTokenMismatch, message_images
 from agents.templates import after_prefill, message_text, tool_call_text
-from agents.trajectory import Trajectory
+from agents.jsonl import trajectory_from_json
+from agents.trajectory import Trajectory, Turn
 from cv_env.protocol import get_prompt
 
 __all__ = [
@@ -379,27 +380,32 @@ def tokenize_conversation(renderer: ChatRenderer, messages: list[dict], example_
                  + len(messages[i].get("tool_calls") or []) for i in assistant_at}
     messages = [_as_sampled(renderer, m, i, example_id) if i in assistant_at else m for i, m in enumerate(messages)]
     state = renderer.start(messages[:assistant_at[0]])
-    tool_calls = 0
+    calls: list[int] = []  # tool calls per assistant turn
     for k, i in enumerate(assistant_at):
         ids = _assistant_ids(renderer, messages, i, example_id)
         rendered, expected = renderer.tokenizer.decode(ids).count("<tool_call>"), in_record[i]
         if rendered != expected:
             raise ValueError(f"{example_id}: assistant message {i} holds {expected} tool call(s) but trains on "
                              f"{rendered}: the chat template rewrote the turn")
-        tool_calls += rendered
+        calls.append(rendered)
         state.append_sampled(ids, [0.0] * len(ids))
         if k + 1 < len(assistant_at):
             renderer.extend(state, messages[:assistant_at[k + 1]])
         else:
             renderer.close_turn(state)
-    n, turns = len(state.token_ids), len(state.turn_ends)
+    prompt_ids, spans = state.turns()
+    replies = [messages[i + 1:after] for i, after in zip(assistant_at, assistant_at[1:] + [len(messages)])]
     return Trajectory(
-        task_id=example_id, group_id=example_id, category=category, token_ids=state.token_ids,
-        loss_mask=state.loss_mask, sampler_logprobs=[0.0] * n, token_rewards=[0.0] * n,
-        turn_ends=state.turn_ends, turn_rewards=[0.0] * turns, reward=0.0, reward_components={},
-        images=state.images, image_grid_thw=state.image_grid_thw, pixel_values=state.all_pixel_values(),
-        success=True, num_turns=turns, num_tool_calls=tool_calls, truncated=False, truncation="",
-        prompt_length=state.prompt_length, temperature=1.0,
+        task_id=example_id, group_id=example_id, category=category,
+        prompt_text=message_text(messages[assistant_at[0] - 1].get("content")),
+        prompt_images=tuple(message_images(messages[:assistant_at[0]])),
+        turns=tuple(Turn(action=renderer.tokenizer.decode(sampled), reward=0.0, sampled_ids=sampled, logprobs=logprobs,
+                         context_ids=context, reply_text="\n".join(message_text(m.get("content")) for m in reply),
+                         reply_images=tuple(message_images(reply)), reply_shown=True,
+                         tool_ok=True if n_calls else None)
+                    for (sampled, logprobs, context), reply, n_calls in zip(spans, replies, calls)),
+        success=True, num_tool_calls=sum(calls), prompt_ids=prompt_ids, image_grid_thw=[list(g) for g in state.image_grid_thw],
+        pixel_values=state.all_pixel_values(), temperature=1.0,
     )
 
 
@@ -422,8 +428,8 @@ def record_to_example(renderer: ChatRenderer, record: SFTRecord, max_pixels: int
                       system_prompt: str = "env", prompt: str = "full") -> Trajectory:
     """One record (chat or trajectory) as a tokenized, masked training example."""
     data = record.data
-    if "token_ids" in data and "loss_mask" in data:
-        return _check_trajectory(renderer, Trajectory.from_json(data, base_dir=record.base_dir), record.source)
+    if "turns" in data and "prompt_ids" in data:
+        return _check_trajectory(renderer, trajectory_from_json(data, base_dir=record.base_dir), record.source)
     messages = to_messages(record, max_pixels=max_pixels, system_prompt=system_prompt, prompt=prompt)
     category = str(data.get("category") or "sft")
     return tokenize_conversation(renderer, messages, example_id=str(data.get("id") or record.source), category=category)

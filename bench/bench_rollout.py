@@ -136,6 +136,9 @@ def main() -> None:
         print(f"engine overhead per turn (batch {args.batch}, no model): {overhead['per_turn_s'] * 1000:8.1f} ms"
               f"   per env step: {overhead['per_step_ms']:.2f} ms   engine steps/s: {overhead['steps_per_s']:.1f}"
               f"   tokens/episode: {overhead['tokens_per_episode']:.0f}")
+        # The engine's own share: its time per step minus the env's own (figure 1), i.e. rendering,
+        # tokenizing, image processing and bookkeeping (resets count as the engine's).
+        print(f"engine's own share per env step:                  {overhead['per_step_ms'] - 1000 / steps:8.2f} ms")
     rate = sampling_tokens_per_second(args.family, args.gen_batch, args.new_tokens, repeats=3)
     print(f"tiny {args.family} sampling tokens/s (HFBackend, batch {args.gen_batch}, {args.new_tokens} new): "
           f"{rate:8.1f}")

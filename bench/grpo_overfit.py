@@ -42,9 +42,12 @@ import torch  # noqa: E402
 
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update  # noqa: E402
-from algos.rollouts import episode_summary, load_task_splits, loss_keep_mask, open_engines, rollout_metrics  # noqa: E402
+from algos.engines import load_task_splits, open_engines  # noqa: E402
+from algos.groups import loss_keep_mask, make_groups  # noqa: E402
+from algos.metrics import episode_summary, rollout_metrics  # noqa: E402
 from algos.optim import build_optimizer, build_scheduler  # noqa: E402
 from algos.run import load_policy, seed_everything  # noqa: E402
+from cv_env.reward import RewardConfig  # noqa: E402
 
 
 def figures(trajectories) -> dict[str, float]:
@@ -78,9 +81,11 @@ def fit(model: str, tasks: str, temperature: float, lr: float, prompts: int, n: 
         for round_ in range(rounds):
             start = time.perf_counter()
             trajectories = engine.rollout(chosen, n=n, group_ids=group_ids, seed=1_000 + round_)
-            rewards_G = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-            keep = loss_keep_mask(trajectories, rewards_G, cfg.algo.mask_truncated, dynamic_sampling=False)
-            advantages_G = compute_advantages(rewards_G, trajectories, cfg.algo.advantage_estimator)
+            groups = make_groups(trajectories, RewardConfig(beta=0))
+            trajectories = [t for g in groups for t in g.trajectories_G]
+            rewards_G = torch.tensor([r for g in groups for r in g.rewards_G], dtype=torch.float32)
+            keep = loss_keep_mask(groups, cfg.algo.mask_truncated, dynamic_sampling=False)
+            advantages_G = compute_advantages(rewards_G, groups, cfg.algo.advantage_estimator)
             grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, keep, cfg, seed=round_)
             rows.append({**figures(trajectories), "seconds": time.perf_counter() - start})
         unseen_after = figures(engine.rollout(unseen, n=n, seed=7))

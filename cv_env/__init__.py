@@ -6,6 +6,7 @@ This package never imports torch or transformers: the environment installs light
 import gymnasium as gym
 
 from cv_env.frames import Frame
+from cv_env.protocol import EndEpisode
 from cv_env.task import Task
 
 ENV_ID = "CodeVision-v0"
@@ -14,7 +15,7 @@ if ENV_ID not in gym.registry:
     # No TimeLimit wrapper: the env truncates at its own `max_turns`.
     gym.register(id=ENV_ID, entry_point="cv_env.env:CodeVisionEnv")
 
-__all__ = ["ENV_ID", "Frame", "Task"]
+__all__ = ["ENV_ID", "EndEpisode", "Frame", "Task"]
 
 
 def __getattr__(name):

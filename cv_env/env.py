@@ -28,6 +28,13 @@ sandbox closed under the env). What each kind of turn becomes:
   printed nothing. Like every call it counts towards `usage_cost`;
 * a turn with neither a tool call nor an answer: the episode ends, the answer taken from the
   text by fallback rules, the format term 0.
+
+An agent ends an episode early for its own reasons (a token budget) with the action
+`cv_env.EndEpisode(reason)`: the episode is settled as the turn limit settles it and comes back
+truncated, `info["truncation"] == reason`.
+
+`reset`'s info carries what a chat agent needs to open the conversation besides the observation:
+`system_prompt` and `tools` (the prompt preset's function schemas for the chat template).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from cv_env import release_rules
 from cv_env.answers import check_answer, extract_answer
 from cv_env.frames import Frame
 from cv_env.judge import LLMJudge, make_judge
-from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA, Turn, action_text, get_prompt, parse_action
+from cv_env.protocol import TOOL_NAME, EndEpisode, Turn, action_text, assistant_message, get_prompt, parse_action
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, step_components
 from cv_env.sandbox import Sandbox
 from cv_env.spaces import observation_space, sanitize_text, text_space
@@ -191,11 +198,6 @@ class CodeVisionEnv(gym.Env):
     # -- public views ---------------------------------------------------------------------------
 
     @property
-    def tool_schema(self) -> dict[str, Any]:
-        """The OpenAI-style function schema of `code_image_tool`, for chat templates."""
-        return TOOL_SCHEMA
-
-    @property
     def task(self) -> Task:
         """The current episode's task (includes the hidden answer: for trainers, not agents)."""
         if self._episode is None:
@@ -264,12 +266,16 @@ class CodeVisionEnv(gym.Env):
             {"role": "user", "content": [{"type": "image", "image": s} for s in shown] + [{"type": "text", "text": text}]},
         ]
         obs = {"role": "user", "text": text, "images": tuple(np.asarray(s) for s in shown)}
-        info = {"task_id": task.id, "category": task.category, "turn": 0, "num_images": len(images)}
+        info = {"task_id": task.id, "category": task.category, "turn": 0, "num_images": len(images),
+                "system_prompt": self.system_prompt, "tools": [dict(tool) for tool in self.tools]}
         return obs, info
 
     def step(self, action: str | dict):
         """Play one model turn (see the module docstring for what each kind of turn becomes)."""
         episode = self._running_episode("step")
+        if isinstance(action, EndEpisode):
+            return self._finish(None, {**self._info(episode), "truncation": str(action.reason)},
+                                terminated=False, obs=None)
         if not isinstance(action, (str, dict)):
             parse_action(action)  # raises the TypeError that names the accepted actions
         length = _action_chars(action)
@@ -282,9 +288,9 @@ class CodeVisionEnv(gym.Env):
             turn = parse_action(action)
         text = action_text(action, turn)
         episode.assistant_turns.append(text)
-        self.messages.append(_assistant_message(action, turn, text))
+        self.messages.append(assistant_message(action, turn))
         n_turns = len(episode.assistant_turns)
-        info: dict[str, Any] = {"turn": n_turns, "task_id": episode.task.id, "category": episode.task.category}
+        info = self._info(episode)
 
         if turn.kind == "answer":
             return self._finish(turn.answer, info, terminated=True, obs=None)
@@ -303,19 +309,6 @@ class CodeVisionEnv(gym.Env):
         step_reward = info["reward_components"]["total"]
         episode.paid += step_reward
         return obs, step_reward, False, False, info
-
-    def truncate(self) -> tuple[float, dict]:
-        """End the running episode now, without an answer, as the turn limit does.
-
-        For agents that stop an episode for their own reasons (a rollout's token budget ran
-        out): pays what earlier steps did not (outcome and episode terms) and returns
-        `(reward, info)` with `info["reward_components"]`, like a final `step`.
-        """
-        episode = self._running_episode("truncate")
-        info: dict[str, Any] = {"turn": len(episode.assistant_turns), "task_id": episode.task.id,
-                                "category": episode.task.category}
-        _, reward, _, _, info = self._finish(None, info, terminated=False, obs=None)
-        return reward, info
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
@@ -341,7 +334,7 @@ class CodeVisionEnv(gym.Env):
     # -- internals ------------------------------------------------------------------------------
 
     def _running_episode(self, method: str) -> _Episode:
-        """The episode a `step`/`truncate` call acts on; a clear error for every misuse."""
+        """The episode a `step` call acts on; a clear error for every misuse."""
         if self._closed:
             raise RuntimeError(f"{method}() on a closed env: create a new one")
         episode = self._episode
@@ -350,6 +343,10 @@ class CodeVisionEnv(gym.Env):
         if episode.done:
             raise RuntimeError(f"{method}() after the episode ended: call reset() to start a new one")
         return episode
+
+    @staticmethod
+    def _info(episode: _Episode) -> dict[str, Any]:
+        return {"turn": len(episode.assistant_turns), "task_id": episode.task.id, "category": episode.task.category}
 
     def _run_tool(self, turn: Turn, info: dict) -> tuple[dict, bool]:
         """Run one tool call; return the tool observation and whether the execution succeeded.
@@ -446,12 +443,13 @@ class CodeVisionEnv(gym.Env):
             "reward_components": components,
             "correct": bool(correct),
             "answer": answer,
-            "ground_truth": task.answer,
             "n_calls": episode.n_calls,
             "n_failed": episode.n_failed,
             "used_ops": sorted(episode.used_ops),
             "episode_reward": components["total"],
         })
+        if not terminated:
+            info.setdefault("truncation", "max_turns")
         if obs is None:
             obs = {"role": "user", "text": "", "images": ()}
         return obs, reward, terminated, not terminated, info
@@ -472,13 +470,3 @@ def _reward_config(reward: RewardConfig | str | dict | None) -> RewardConfig:
 def _looks_like_tool_call(text: str) -> bool:
     """A turn that tried to call the tool (so a parse error is an observation, not the end)."""
     return "<tool_call>" in text or "```" in text
-
-
-def _assistant_message(action: str | dict, turn: Turn, text: str) -> dict[str, Any]:
-    """The conversation entry for a turn: the raw text for string actions (token-exact view);
-    a structured `tool_calls` entry for dict tool calls, so any chat template can render it."""
-    if isinstance(action, str) or turn.kind != "tool_call":
-        return {"role": "assistant", "content": text}
-    arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
-    return {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}]}

@@ -244,6 +244,20 @@ def parse_turn(text: str) -> Turn:
 ACTION_KEYS = ("code", "image_index", "description", "answer")
 
 
+@dataclass(frozen=True)
+class EndEpisode:
+    """The action an agent sends to end a running episode without a model turn.
+
+    For agents that stop for their own reasons (a rollout's token budget ran out, the turn
+    could not be rendered): `env.step(EndEpisode("token_budget"))` settles the episode as the
+    turn limit does (the outcome and episode terms that earlier steps did not pay) and returns
+    it truncated, with `info["truncation"] == reason`. A model can never send it: it is not a
+    str or a dict.
+    """
+
+    reason: str = "agent"
+
+
 def parse_action(action: Any) -> Turn:
     """Turn an env action (a model's string, or a dict from a programmatic agent) into a `Turn`.
 
@@ -298,6 +312,19 @@ def action_text(action: str | dict, turn: Turn | None = None) -> str:
     if turn.kind == "tool_call":
         return render_tool_call(turn)
     return preview(action, 2000)
+
+
+def assistant_message(action: str | dict, turn: Turn | None = None) -> dict[str, Any]:
+    """The conversation entry for a turn: the raw text for string actions (token-exact view);
+    a structured `tool_calls` entry for dict tool calls, so any chat template can render it."""
+    if isinstance(action, str):
+        return {"role": "assistant", "content": action}
+    turn = parse_action(action) if turn is None else turn
+    if turn.kind != "tool_call":
+        return {"role": "assistant", "content": action_text(action, turn)}
+    arguments = {"code": turn.code, "description": turn.description, "image_index": turn.image_index}
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}]}
 
 
 def render_tool_call(turn: Turn) -> str:

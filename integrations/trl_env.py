@@ -48,7 +48,7 @@ import numpy as np
 
 from agents.templates import TemplateError, probe_template, raw_renderer
 from cv_env.env import CodeVisionEnv
-from cv_env.protocol import TOOL_SCHEMA
+from cv_env.protocol import TOOL_SCHEMA, EndEpisode
 from cv_env.reward import RewardConfig, apply_necessity, format_reward
 from cv_env.sandbox import Sandbox
 from cv_env.tasks import TaskSource, load_tasks
@@ -169,7 +169,7 @@ class CodeVisionTRLEnv:
             if terminated or truncated:
                 self.result = info
         if self.result is None:  # the last turn was a call TRL did not run, or an unreadable one
-            _, self.result = self.env.truncate()
+            _, _, _, _, self.result = self.env.step(EndEpisode("unfinished"))
         components = dict(self.result["reward_components"])
         fmt = format_reward(turns)
         components["total"] += self.env.reward_config.format_weight * (fmt - components["fmt"])

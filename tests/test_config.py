@@ -312,7 +312,7 @@ def test_hydra_main_entry_point(tmp_path):
 
 
 def test_the_judge_and_the_task_loader_options_are_config_keys(tmp_path):
-    from algos.rollouts import load_task_splits
+    from algos.engines import load_task_splits
     from release_rows import release_row, smooth_image, write_release_rows
 
     cfg = load_config(["+exp=tiny", "env.judge.url=http://127.0.0.1:8000/v1", "env.judge.model=Qwen/Qwen3-8B",

@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gymnasium as gym  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -180,3 +182,48 @@ def test_misuse_is_explained(sandbox):
     renderer.extend(state, env.unwrapped.messages)
     with pytest.raises(ValueError, match="not rendered yet"):
         renderer.extend(state, env.unwrapped.messages)  # the same reply twice
+
+
+def test_encode_equals_the_processors_own_call(renderer, sandbox):
+    """The renderer tokenizes in pieces (cached system turn, placeholders expanded by hand): the
+    ids, grids and pixel patches equal what the processor gives for the whole text at once."""
+    env = gym.make("CodeVision-v0", tasks=load_tasks("multi_image", split="test"), sandbox=sandbox,
+                   max_pixels=160 * 160, disable_env_checker=True)
+    env.reset(seed=0)
+    env.step('<think>look</think>\n<tool_call>\n{"name": "code_image_tool", "arguments": {"code": '
+             '"result = image.rotate(90, expand=True)", "image_index": 1}}\n</tool_call>')
+    messages = env.unwrapped.messages
+    from agents.conversation import message_images
+
+    for shown in (messages[:2], messages):
+        text = renderer.render_text(shown, add_generation_prompt=True)
+        images = message_images(shown)
+        for _ in range(2):  # the second time from the renderer's cache of pieces
+            delta = renderer.encode(text, images)
+            reference = renderer.processor(text=[text], images=images, return_tensors="pt")
+            assert delta.ids == reference["input_ids"][0].tolist()
+            assert delta.image_grid_thw == reference["image_grid_thw"].tolist()
+            assert torch.equal(delta.pixel_values, reference["pixel_values"])
+        plain = text.replace("<|image_pad|>", "")
+        assert renderer.encode(plain, []).ids == renderer.tokenizer(plain, add_special_tokens=False)["input_ids"]
+    env.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["<|im_start|>", "<|im_end|>", "user\n", "assistant\n", "<think>", " ", "\n",
+                                 "é", "Image 1:", "<|im", "start|>", "  x", "🙂"]) | st.text(max_size=8),
+                min_size=0, max_size=12).map("".join))
+def test_piecewise_tokenization_equals_the_tokenizer(text):
+    """Cutting text at `<|im_start|>` (a special token) never changes its ids, whatever the text."""
+    renderer = _qwen_renderer()
+    assert renderer.encode(text, []).ids == renderer.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert renderer.encode(text, []).ids == renderer.tokenizer(text, add_special_tokens=False)["input_ids"]  # cached
+
+
+_RENDERERS: dict = {}
+
+
+def _qwen_renderer():
+    if "qwen2_5_vl" not in _RENDERERS:
+        _RENDERERS["qwen2_5_vl"] = ChatRenderer(load_processor("tiny:qwen2_5_vl"))
+    return _RENDERERS["qwen2_5_vl"]

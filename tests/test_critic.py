@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from agents.policy import Policy  # noqa: E402
-from agents.rollout import Trajectory  # noqa: E402
+from tests.trajectories import from_tokens  # noqa: E402
 from algos.critic import Critic, ValueHead, load_critic, logprobs_and_values, token_values  # noqa: E402
 from algos.ppo_config import load_ppo_config  # noqa: E402
 
@@ -23,14 +23,8 @@ def policy():
     return Policy.load("tiny:qwen2_5_vl", dtype="float32")
 
 
-def _trajectory(ids: list[int], mask: list[int]) -> Trajectory:
-    n = len(ids)
-    return Trajectory(
-        task_id="toy", group_id="g", category="toy", token_ids=ids, loss_mask=mask, sampler_logprobs=[0.0] * n,
-        token_rewards=[0.0] * n, turn_ends=[max(i for i, m in enumerate(mask) if m)], turn_rewards=[0.0], reward=0.0,
-        reward_components={}, images=[], image_grid_thw=[], pixel_values=None, success=False, num_turns=1,
-        num_tool_calls=0, truncated=False, truncation="", prompt_length=2,
-    )
+def _trajectory(ids: list[int], mask: list[int]):
+    return from_tokens(ids, mask)
 
 
 def _batch(policy: Policy) -> dict:

@@ -130,7 +130,33 @@ def test_turn_limit_truncates_and_pays_what_is_left(sandbox):
     env.step(_call("result = image"))
     obs, reward, terminated, truncated, info = env.step(_call("result = image"))
     assert truncated and not terminated and not info["correct"]
-    assert "reward_components" in info
+    assert "reward_components" in info and info["truncation"] == "max_turns"
+
+
+def test_end_episode_settles_a_running_episode_as_truncated(sandbox):
+    """The public way an agent stops an episode for its own reasons (a rollout's token budget)."""
+    env = make_env(sandbox, max_turns=4)
+    env.reset(seed=0)
+    _, paid, *_ = env.step(_call("result = image.rotate(270, expand=True)"))
+    obs, reward, terminated, truncated, info = env.step(cv_env.EndEpisode("token_budget"))
+    assert truncated and not terminated and info["truncation"] == "token_budget" and not info["correct"]
+    assert obs["text"] == "" and obs["images"] == ()
+    assert paid + reward == pytest.approx(info["reward_components"]["total"])  # the rest of the episode's reward
+    assert info["turn"] == 1 and len(env.unwrapped.messages) == 4  # no turn was added
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(cv_env.EndEpisode())
+
+
+def test_no_info_leaks_the_answer(sandbox):
+    """DESIGN: nothing in an observation or info leaks the answer (the caller has the task)."""
+    env = make_env(sandbox, tasks=[_rotated_task(answer="XQ-417")])
+    _, info = env.reset(seed=0)
+    infos = [info]
+    for action in (_call("result = image.rotate(270, expand=True)"), _answer("wrong")):
+        obs, *_, info = env.step(action)
+        infos.append(info)
+        assert "XQ-417" not in obs["text"]
+    assert not any("XQ-417" in repr(i) for i in infos) and not any("ground_truth" in i for i in infos)
 
 
 def test_a_turn_without_call_or_answer_ends_the_episode_with_format_zero(sandbox):
@@ -159,7 +185,9 @@ def test_prompt_presets_choose_the_system_message_and_the_tools_listed(sandbox):
     for prompt, system, tools in (("full", SYSTEM_PROMPT, [TOOL_SCHEMA]), ("compact", COMPACT_SYSTEM_PROMPT, [])):
         env = make_env(sandbox, prompt=prompt)
         env.reset(seed=0)
+        _, info = env.reset(seed=0)
         assert env.unwrapped.messages[0]["content"][0]["text"] == system and env.unwrapped.tools == tools
+        assert info["system_prompt"] == system and info["tools"] == tools  # what a chat agent opens with
         obs, _, terminated, _, _ = env.step(_call("result = image.rotate(-90, expand=True)"))
         assert not terminated and obs["role"] == "tool" and len(obs["images"]) == 1  # the same tool protocol
     env = make_env(sandbox, prompt="compact", system_prompt="Be brief.")

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from agents.transcript import Transcript, TurnRecord, read_transcripts
+from agents.trajectory import Trajectory, Turn
+from agents.transcript import Transcript, read_transcripts
 from algos.eval_config import load_eval_config
 from algos.metrics import rank_cases, report_markdown, report_metrics, robustness_columns, summarize
 from algos.tracking import check_metric_name, read_metrics
@@ -19,13 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def _episode(task_id, success, *, category="charts", variant="", reward=0.0, calls=0, failed=0, ops=(), turns=1,
              sample=0, truncated=False, components=None):
     base = task_id.split("@")[0]
-    return Transcript(
-        task_id=task_id, category=category, question="q", ground_truth="a", answer="a" if success else "b",
-        success=success, reward=reward, reward_components=components or {"acc": float(success), "total": reward},
-        input_images=[], turns=[TurnRecord(text="", kind="answer", reward=0.0)] * turns, num_tool_calls=calls,
-        num_failed_calls=failed, used_ops=None if ops is None else list(ops), truncated=truncated,
-        sample_index=sample, variant=variant, base_id=base,
-    )
+    trajectory = Trajectory(
+        task_id=task_id, group_id=task_id, category=category, prompt_text="q", prompt_images=(),
+        turns=tuple(Turn("<answer>a</answer>", reward if k == 0 else 0.0) for k in range(turns)),
+        answer="a" if success else "b", success=success,
+        reward_components=components or {"acc": float(success), "total": reward}, num_tool_calls=calls,
+        num_failed_calls=failed, used_ops=tuple(ops or ()), truncation="max_turns" if truncated else "",
+        sample_index=sample)
+    transcript = Transcript(trajectory, ground_truth="a", variant=variant, base_id=base)
+    if ops is None:  # summarize reads any object with the Transcript fields; one whose ops are unknown
+        return SimpleNamespace(**{name: getattr(transcript, name) for name in (
+            "task_id", "category", "success", "reward", "reward_components", "num_tool_calls", "num_failed_calls",
+            "num_turns", "truncated", "variant", "judge")}, used_ops=None)
+    return transcript
 
 
 # --------------------------------------------------------------------------------------------

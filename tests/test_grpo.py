@@ -16,12 +16,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from agents.policy import Policy  # noqa: E402
-from agents.rollout import Trajectory  # noqa: E402
+from tests.trajectories import from_tokens  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update, run  # noqa: E402
-from algos.rollouts import (  # noqa: E402
-    episode_summary, group_reward_terms, groups_with_signal, loss_keep_mask, rollout_metrics, validation_metrics,
-)
+from algos.groups import groups_with_signal, loss_keep_mask, make_groups  # noqa: E402
+from algos.metrics import episode_summary, rollout_metrics, validation_metrics  # noqa: E402
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
 from algos.batching import group_minibatches, pad_rows  # noqa: E402
@@ -148,13 +147,8 @@ def test_tiny_run_with_lora_trains_only_the_adapter(tmp_path):
 def _one_token_trajectory(prompt_ids, token, logprob, reward, group="g"):
     ids = list(prompt_ids) + [token]
     n = len(ids)
-    return Trajectory(
-        task_id="toy", group_id=group, category="toy", token_ids=ids, loss_mask=[0] * (n - 1) + [1],
-        sampler_logprobs=[0.0] * (n - 1) + [logprob], token_rewards=[0.0] * (n - 1) + [reward],
-        turn_ends=[n - 1], turn_rewards=[reward], reward=reward, reward_components={"acc": reward},
-        images=[], image_grid_thw=[], pixel_values=None, success=reward > 0, num_turns=1, num_tool_calls=0,
-        truncated=False, truncation="", prompt_length=n - 1,
-    )
+    return from_tokens(ids, [0] * (n - 1) + [1], [0.0] * (n - 1) + [reward], [0.0] * (n - 1) + [logprob],
+                       group_id=group, reward_components={"acc": reward}, success=reward > 0)
 
 
 def test_one_grpo_update_raises_the_probability_of_the_rewarded_answer():
@@ -180,7 +174,7 @@ def test_one_grpo_update_raises_the_probability_of_the_rewarded_answer():
     trajectories = [_one_token_trajectory(prompt, token_a, before_a, 1.0) for _ in range(4)]
     trajectories += [_one_token_trajectory(prompt, token_b, before_b, 0.0) for _ in range(4)]
     rewards_G = torch.tensor([t.reward for t in trajectories])
-    advantages_G = compute_advantages(rewards_G, trajectories, "grpo")
+    advantages_G = compute_advantages(rewards_G, _groups(trajectories), "grpo")
     assert advantages_G[:4].gt(0).all() and advantages_G[4:].lt(0).all()
 
     optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
@@ -201,7 +195,11 @@ def test_one_grpo_update_raises_the_probability_of_the_rewarded_answer():
 
 def _traj(group, reward, success=False, calls=0, truncated=False):
     return dataclasses.replace(_one_token_trajectory([1, 2], 3, -1.0, reward, group), success=success,
-                               num_tool_calls=calls, truncated=truncated, truncation="max_turns" if truncated else "")
+                               num_tool_calls=calls, truncation="max_turns" if truncated else "")
+
+
+def _groups(trajectories, beta=0.0):
+    return make_groups(trajectories, RewardConfig(beta=beta))
 
 
 def test_necessity_is_added_per_group_when_beta_is_positive():
@@ -209,34 +207,36 @@ def test_necessity_is_added_per_group_when_beta_is_positive():
     # Group b: a tool-free rollout was correct twice -> answerable without tools, no bonus.
     group = [_traj("a", 1, True, 1), _traj("a", 1, True, 2), _traj("a", 0, False, 0), _traj("a", 0, False, 0),
              _traj("b", 1, True, 1), _traj("b", 1, True, 0), _traj("b", 1, True, 0), _traj("b", 0, False, 1)]
-    assert group_reward_terms(group, RewardConfig(beta=0.5)) == [0.5, 0.5, 0, 0, 0, 0, 0, 0]
-    assert group_reward_terms(group, RewardConfig(beta=0.0)) == [0.0] * 8
+    assert [t for g in _groups(group, 0.5) for t in g.group_terms_G] == [0.5, 0.5, 0, 0, 0, 0, 0, 0]
+    assert [t for g in _groups(group, 0.0) for t in g.group_terms_G] == [0.0] * 8
+    assert [r for g in _groups(group, 0.5) for r in g.rewards_G] == [1.5, 1.5, 0, 0, 1, 1, 1, 0]
 
 
 def test_advantages_use_groups_in_any_order():
-    trajs = [_traj("x", 1), _traj("y", 5), _traj("x", 3), _traj("y", 5)]
-    rewards = torch.tensor([1.0, 5.0, 3.0, 5.0])
+    groups = _groups([_traj("x", 1), _traj("y", 5), _traj("x", 3), _traj("y", 5)])  # built once, x then y
+    trajs = [t for g in groups for t in g.trajectories_G]
+    assert [t.reward for t in trajs] == [1, 3, 5, 5]
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0])
     # Group x: mean 2, std sqrt(2) -> -1/sqrt(2), +1/sqrt(2); group y constant -> 0.
-    expected = torch.tensor([-1 / math.sqrt(2), 0.0, 1 / math.sqrt(2), 0.0])
-    assert torch.allclose(compute_advantages(rewards, trajs, "grpo"), expected, atol=1e-5)
-    assert torch.allclose(compute_advantages(rewards, trajs, "drgrpo"), torch.tensor([-1.0, 0, 1, 0]))
-    assert torch.allclose(compute_advantages(rewards, trajs, "rloo"), torch.tensor([-2.0, 0, 2, 0]))
+    expected = torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0])
+    assert torch.allclose(compute_advantages(rewards, groups, "grpo"), expected, atol=1e-5)
+    assert torch.allclose(compute_advantages(rewards, groups, "drgrpo"), torch.tensor([-1.0, 1, 0, 0]))
+    assert torch.allclose(compute_advantages(rewards, groups, "rloo"), torch.tensor([-2.0, 2, 0, 0]))
 
 
 def test_truncated_masking_and_dynamic_sampling():
-    trajs = [_traj("x", 1), _traj("x", 0, truncated=True), _traj("y", 2), _traj("y", 2)]
-    rewards = torch.tensor([t.reward for t in trajs])
-    assert loss_keep_mask(trajs, rewards, mask_truncated=False, dynamic_sampling=False) == [True] * 4
-    assert loss_keep_mask(trajs, rewards, mask_truncated=True, dynamic_sampling=False) == [True, False, True, True]
-    assert loss_keep_mask(trajs, rewards, mask_truncated=True, dynamic_sampling=True) == [True, False, False, False]
+    groups = _groups([_traj("x", 1), _traj("x", 0, truncated=True), _traj("y", 2), _traj("y", 2)])
+    assert loss_keep_mask(groups, mask_truncated=False, dynamic_sampling=False) == [True] * 4
+    assert loss_keep_mask(groups, mask_truncated=True, dynamic_sampling=False) == [True, False, True, True]
+    assert loss_keep_mask(groups, mask_truncated=True, dynamic_sampling=True) == [True, False, False, False]
 
 
 def test_groups_with_signal_by_hand():
     # x: rewards 1, 0 -> advantages +-0.71; y: 2, 2 -> all 0; z: 0, 3 -> +-0.71. Order of first appearance.
-    trajs = [_traj("x", 1), _traj("y", 2), _traj("x", 0), _traj("z", 0), _traj("y", 2), _traj("z", 3)]
-    advantages = compute_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float32), trajs, "grpo")
-    assert groups_with_signal(trajs, advantages) == [True, False, True]
-    assert groups_with_signal(trajs[1:2] + trajs[4:5], advantages[[1, 4]]) == [False]
+    groups = _groups([_traj("x", 1), _traj("y", 2), _traj("x", 0), _traj("z", 0), _traj("y", 2), _traj("z", 3)])
+    advantages = compute_advantages(torch.tensor([r for g in groups for r in g.rewards_G]), groups, "grpo")
+    assert groups_with_signal(groups, advantages) == [True, False, True]
+    assert groups_with_signal(groups[1:2], advantages[[2, 3]]) == [False]
 
 
 # --------------------------------------------------------------------------------------------

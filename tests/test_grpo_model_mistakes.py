@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 
-import algos.rollouts  # noqa: E402
+import algos.engines  # noqa: E402
 from agents.generation import HFBackend  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import run  # noqa: E402
@@ -99,7 +99,7 @@ def test_grpo_completes_every_step_while_the_sampler_writes_mistakes(tmp_path, m
         backends.append(MistakesBackend(policy, env_bug))
         return backends[-1]
 
-    monkeypatch.setattr(algos.rollouts, "make_generator", make_generator)
+    monkeypatch.setattr(algos.engines, "make_generator", make_generator)
     out = tmp_path / "run"
     summary = run(load_config([
         "+exp=tiny", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=48",

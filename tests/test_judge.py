@@ -353,7 +353,7 @@ def test_the_rollout_engine_asks_the_judge_concurrently_and_survives_its_failure
     from agents.generation import ScriptedBackend
     from agents.policy import Policy
     from agents.rollout import RolloutEngine
-    from algos.rollouts import episode_summary, rollout_metrics
+    from algos.metrics import episode_summary, rollout_metrics
     from algos.tracking import check_metric_name
 
     processor = Policy.load("tiny:qwen2_5_vl").processor

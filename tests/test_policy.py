@@ -1,5 +1,6 @@
 """Policy loading options, batch collation and log-probs against the model's own full logits."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +13,7 @@ from PIL import Image  # noqa: E402
 from agents.logprobs import naive_sequence_logprobs  # noqa: E402
 from agents.policy import Policy  # noqa: E402
 from agents.tiny import FAMILIES  # noqa: E402
-from agents.trajectory import Trajectory  # noqa: E402
+from agents.trajectory import Trajectory, Turn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,15 +36,12 @@ def _trajectory(policy, seed=0, reply="<think>It is upside down.</think>\n<answe
     ids = policy.tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
     state.append_sampled(ids, [-1.0] * len(ids))
     renderer.close_turn(state)
-    n = len(state.token_ids)
-    rewards = [0.0] * n
-    rewards[state.turn_ends[-1]] = 1.5
+    prompt_ids, ((sampled, logprobs, context),) = state.turns()
     return Trajectory(
-        task_id=f"t{seed}", group_id="g", category="unit", token_ids=state.token_ids, loss_mask=state.loss_mask,
-        sampler_logprobs=state.sampler_logprobs, token_rewards=rewards, turn_ends=state.turn_ends,
-        turn_rewards=[1.5], reward=1.5, reward_components={"total": 1.5}, images=state.images,
-        image_grid_thw=state.image_grid_thw, pixel_values=state.all_pixel_values(), success=True, num_turns=1,
-        num_tool_calls=0, truncated=False, truncation="", prompt_length=state.prompt_length, temperature=temperature,
+        task_id=f"t{seed}", group_id="g", category="unit", prompt_text="", prompt_images=tuple(state.images),
+        turns=(Turn(reply, 1.5, sampled, logprobs, context),), reward_components={"total": 1.5}, success=True,
+        prompt_ids=prompt_ids, image_grid_thw=[list(g) for g in state.image_grid_thw],
+        pixel_values=state.all_pixel_values(), temperature=temperature,
     )
 
 
@@ -91,14 +89,14 @@ def test_collate_layout_and_recomputed_pixels():
     assert batch["image_grid_thw"].tolist() == a.image_grid_thw + b.image_grid_thw
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == policy.image_token_id).long())
     # Trajectories read back from JSONL carry images only: the pixels are recomputed identically.
-    stripped = Trajectory(**{**{f: getattr(a, f) for f in a.__dataclass_fields__}, "pixel_values": None})
+    stripped = dataclasses.replace(a, pixel_values=None)
     assert torch.equal(policy.collate([stripped])["pixel_values"], a.pixel_values)
 
     with pytest.raises(ValueError, match="different temperatures"):
         policy.collate([a, _trajectory(policy, 1, temperature=0.7)])
     with pytest.raises(ValueError, match="at least one trajectory"):
         policy.collate([])
-    cut = Trajectory(**{**{f: getattr(a, f) for f in a.__dataclass_fields__}, "image_grid_thw": a.image_grid_thw[:1]})
+    cut = dataclasses.replace(a, image_grid_thw=a.image_grid_thw[:1])
     with pytest.raises(ValueError, match=r"trajectory 0 \(task 't0'\): image placeholder runs"):
         policy.collate([cut])
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from agents.generation import ScriptedBackend  # noqa: E402
 from agents.policy import Policy  # noqa: E402
-from agents.rollout import RolloutEngine, Trajectory  # noqa: E402
+from agents.rollout import RolloutEngine  # noqa: E402
+from tests.trajectories import from_tokens  # noqa: E402
 from agents.scripted import OracleAgent, tool_call_turn  # noqa: E402
 from algos.critic import load_critic, score_values  # noqa: E402
 from algos.ppo import critic_checkpoint_path, ppo_update, run, token_advantages  # noqa: E402
@@ -33,16 +34,10 @@ from cv_env.tasks import load_tasks  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _trajectory(ids, mask, rewards, logprobs=None, group="g", turn_ends=None) -> Trajectory:
-    n = len(ids)
-    turn_ends = turn_ends or [max(i for i, m in enumerate(mask) if m)]
-    return Trajectory(
-        task_id="toy", group_id=group, category="toy", token_ids=list(ids), loss_mask=list(mask),
-        sampler_logprobs=list(logprobs or [0.0] * n), token_rewards=list(rewards), turn_ends=turn_ends,
-        turn_rewards=[rewards[t] for t in turn_ends], reward=float(sum(rewards)), reward_components={},
-        images=[], image_grid_thw=[], pixel_values=None, success=False, num_turns=len(turn_ends),
-        num_tool_calls=len(turn_ends) - 1, truncated=False, truncation="", prompt_length=3,
-    )
+def _trajectory(ids, mask, rewards, logprobs=None, group="g", turn_ends=None):
+    trajectory = from_tokens(ids, mask, rewards, logprobs, group_id=group)
+    assert turn_ends is None or trajectory.turn_ends == turn_ends
+    return trajectory
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from agents.conversation import check_image_tokens, image_token_spans  # noqa: E
 from agents.collect import collect  # noqa: E402
 from agents.generation import HFBackend, SamplingParams, ScriptedBackend  # noqa: E402
 from agents.policy import Policy  # noqa: E402
-from agents.rollout import RolloutEngine, Trajectory, read_jsonl, write_jsonl  # noqa: E402
+from agents.jsonl import read_jsonl, trajectory_to_json, write_jsonl  # noqa: E402
+from agents.rollout import RolloutEngine  # noqa: E402
+from agents.trajectory import Trajectory  # noqa: E402
 from agents.scripted import OracleAgent, ideal_reward, play_episode  # noqa: E402
 from agents.tiny import FAMILIES  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
@@ -185,10 +187,10 @@ def test_trajectories_round_trip_through_jsonl(sandbox, tasks, tmp_path):
     path = write_jsonl(trajectories, tmp_path / "rollouts.jsonl")
     assert len(list((tmp_path / "rollouts_images").iterdir())) == sum(len(t.images) for t in trajectories)
     record = json.loads(path.read_text().splitlines()[0])
-    assert record["group_id"] == "g0" and record["images"][0].endswith(".png")
+    assert record["group_id"] == "g0" and record["prompt_images"][0].endswith(".png")
     again = read_jsonl(path)
     for a, b in zip(trajectories, again):
-        assert a.to_json() == b.to_json()
+        assert trajectory_to_json(a) == trajectory_to_json(b)
         assert b.pixel_values is None
     original, reread = policy.collate(trajectories), policy.collate(again)
     for key in ("input_ids", "loss_mask", "old_logprobs", "token_rewards", "image_grid_thw", "pixel_values"):

@@ -11,9 +11,12 @@ import pytest  # noqa: E402
 
 from agents.generation import ScriptedBackend  # noqa: E402
 from agents.policy import Policy  # noqa: E402
-from agents.rollout import RolloutEngine, read_jsonl, write_jsonl  # noqa: E402
+from agents.jsonl import read_jsonl, write_jsonl  # noqa: E402
+from agents.rollout import RolloutEngine  # noqa: E402
 from agents.scripted import ScriptAgent, answer_turn, tool_call_turn  # noqa: E402
-from algos.rollouts import episode_summary, loss_keep_mask, rollout_metrics  # noqa: E402
+from algos.groups import loss_keep_mask, make_groups  # noqa: E402
+from cv_env.reward import RewardConfig  # noqa: E402
+from algos.metrics import episode_summary, rollout_metrics  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 
@@ -51,7 +54,7 @@ def test_one_failing_episode_ends_alone_and_is_recorded(env_bug, tasks, tmp_path
         assert not other.truncated and not other.error and other.num_turns == len(other.turn_rewards)
     assert ok.num_turns == 2 and answered.num_turns == 1
 
-    assert loss_keep_mask(trajectories, [t.reward for t in trajectories], mask_truncated=False,
+    assert loss_keep_mask(make_groups(trajectories, RewardConfig(beta=0)), mask_truncated=False,
                           dynamic_sampling=False) == [True, False, True]
     metrics = rollout_metrics([episode_summary(t) for t in trajectories])
     assert metrics["rollout/episode_errors"] == 1.0

@@ -210,7 +210,7 @@ def test_bad_records_are_explained_or_skipped(processor, tmp_path):
 def test_trajectory_records_from_another_tokenizer_are_refused(demos):
     renderer = ChatRenderer(load_processor("tiny:qwen2_vl"))
     record = read_records([demos])[0]
-    record.data["token_ids"] = [t + 100_000 for t in record.data["token_ids"]]
+    record.data["prompt_ids"] = [t + 100_000 for t in record.data["prompt_ids"]]  # recorded by another tokenizer
     with pytest.raises(ValueError, match="another model's tokenizer"):
         record_to_example(renderer, record)
 
@@ -308,7 +308,7 @@ def test_run_trains_validates_exports_and_resumes(demos, tmp_path):
 def test_demonstrations_of_a_teacher_that_often_skips_the_tool(tmp_path):
     """data.oracle.tool_rate: the recorded episodes mix tool calls and direct answers, every one kept
     (a direct answer earns the tool-free reward, not the ideal one), and all answers right."""
-    from agents.trajectory import read_jsonl
+    from agents.jsonl import read_jsonl
 
     path = tmp_path / "half.jsonl"
     result = collect(MODEL, "corner_orientation", "train", 24, str(path), max_turns=3, max_pixels=12544,

@@ -1,4 +1,4 @@
-"""Transcripts: episodes turn by turn, from the env (scripted agents) and from a Trajectory's tokens."""
+"""Transcripts: readable views of trajectories, from scripted agents and from token rollouts alike."""
 
 import json
 
@@ -7,7 +7,9 @@ import pytest
 
 import cv_env  # noqa: F401
 from agents.scripted import OracleAgent, RandomAgent, ScriptAgent, answer_turn, tool_call_turn
-from agents.transcript import play_transcript, read_transcripts, write_transcripts
+from agents.jsonl import trajectory_to_json, write_jsonl
+from agents.rollout import play
+from agents.transcript import Transcript, read_transcripts
 from cv_env.sandbox import Sandbox
 from cv_env.tasks import RobustnessWrapper, load_tasks
 
@@ -18,6 +20,12 @@ def sandbox():
         yield shared
 
 
+def play_transcript(sandbox, agent, task, agent_name="", **env_kwargs):
+    """One episode of `task` played by the scripted `agent` through the rollout engine, as a transcript."""
+    (trajectory,) = play(lambda index: agent, [task], sandbox, **env_kwargs)
+    return Transcript.of(trajectory, task=task, agent=agent_name)
+
+
 @pytest.fixture(scope="module")
 def variants():
     wrapped = RobustnessWrapper(load_tasks("orientation_ocr,tiny_ocr", split="test"))
@@ -25,9 +33,8 @@ def variants():
 
 
 def test_oracle_transcript_records_every_turn(sandbox, variants):
-    env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, disable_env_checker=True)
     task = variants[1]  # orientation_ocr under rotate_90
-    t = play_transcript(env, OracleAgent(), task, seed=0, agent_name="oracle")
+    t = play_transcript(sandbox, OracleAgent(), task, agent_name="oracle")
     assert (t.variant, t.base_id, t.agent) == ("rotate_90", variants[0].extra["robustness"]["base_id"], "oracle")
     assert t.success and t.answer == task.answer and t.ground_truth == task.answer
     assert [turn.kind for turn in t.turns] == ["tool_call", "answer"]
@@ -42,13 +49,12 @@ def test_oracle_transcript_records_every_turn(sandbox, variants):
 
 
 def test_failed_and_malformed_turns_are_data(sandbox, variants):
-    env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, max_turns=4, disable_env_checker=True)
     script = ScriptAgent([
         tool_call_turn("result = undefined_name", thought="try"),
         '<tool_call>{"name": "code_image_tool", "arguments": {"code": </tool_call>',
         answer_turn("nope"),
     ])
-    t = play_transcript(env, script, variants[0], seed=0)
+    t = play_transcript(sandbox, script, variants[0], max_turns=4)
     failed, malformed, answer = t.turns
     assert failed.tool_ok is False and failed.tool_text.startswith("Error:") and failed.ops == []
     assert failed.reward == pytest.approx(-0.05)  # the per-call penalty, paid on that step
@@ -58,20 +64,18 @@ def test_failed_and_malformed_turns_are_data(sandbox, variants):
 
 
 def test_turn_limit_marks_truncation(sandbox, variants):
-    env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, max_turns=2, disable_env_checker=True)
-    t = play_transcript(env, ScriptAgent([tool_call_turn("result = image")] * 2), variants[0], seed=0)
+    t = play_transcript(sandbox, ScriptAgent([tool_call_turn("result = image")] * 2), variants[0], max_turns=2)
     assert t.truncated and t.truncation == "max_turns" and t.answer is None and t.num_turns == 2
 
 
 def test_jsonl_round_trip_keeps_text_and_pixels(sandbox, variants, tmp_path):
-    env = gym.make("CodeVision-v0", tasks=variants[:1], sandbox=sandbox, max_turns=3, disable_env_checker=True)
-    originals = [play_transcript(env, OracleAgent(), task, seed=i, agent_name="oracle") for i, task in enumerate(variants[:3])]
-    originals.append(play_transcript(env, RandomAgent(seed=1), variants[6], seed=1, agent_name="random"))
-    path = write_transcripts(originals, tmp_path / "t.jsonl")
+    originals = [play_transcript(sandbox, OracleAgent(), task, "oracle", max_turns=3) for task in variants[:3]]
+    originals.append(play_transcript(sandbox, RandomAgent(seed=1), variants[6], "random", max_turns=3))
+    path = write_jsonl(originals, tmp_path / "t.jsonl")
     back = read_transcripts(path)
     assert len(back) == 4
     for a, b in zip(originals, back):
-        assert a.to_json() == b.to_json()
+        assert trajectory_to_json(a.trajectory) == trajectory_to_json(b.trajectory) and a.context() == b.context()
         assert [im.tobytes() for im in a.input_images] == [im.tobytes() for im in b.input_images]
         for ta, tb in zip(a.turns, b.turns):
             assert [im.tobytes() for im in ta.tool_images] == [im.tobytes() for im in tb.tool_images]
@@ -80,12 +84,11 @@ def test_jsonl_round_trip_keeps_text_and_pixels(sandbox, variants, tmp_path):
         read_transcripts(tmp_path / "bad.jsonl")
 
 
-def test_transcript_from_trajectory_matches_the_env_transcript(sandbox, variants):
-    """The oracle through the rollout engine (tokens) reads back as the oracle played directly."""
+def test_transcript_of_a_token_rollout_matches_the_chat_transcript(sandbox, variants):
+    """The oracle through a token backend (ScriptedBackend) reads as the oracle through the chat path."""
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
-    from agents.transcript import from_trajectory
 
     processor = load_processor("tiny:qwen2_5_vl")
     tasks = [variants[0], variants[1], variants[7]]
@@ -93,10 +96,9 @@ def test_transcript_from_trajectory_matches_the_env_transcript(sandbox, variants
     with RolloutEngine(ScriptedBackend(processor), sandbox=sandbox, env_kwargs=env_kwargs,
                        sampling=dict(max_new_tokens=4096), max_total_tokens=8192) as engine:
         trajectories = engine.rollout(tasks, n=1)
-    env = gym.make("CodeVision-v0", tasks=tasks[:1], sandbox=sandbox, disable_env_checker=True, **env_kwargs)
     for trajectory, task in zip(trajectories, tasks):
-        decoded = from_trajectory(trajectory, processor, task=task, agent_name="oracle")
-        played = play_transcript(env, OracleAgent(), task, agent_name="oracle")
+        decoded = Transcript.of(trajectory, task=task, agent="oracle")
+        played = play_transcript(sandbox, OracleAgent(), task, "oracle", **env_kwargs)
         assert (decoded.variant, decoded.base_id, decoded.success) == (played.variant, played.base_id, True)
         assert decoded.question == played.question and decoded.question.startswith(task.question)
         assert decoded.reward == pytest.approx(played.reward)
@@ -114,16 +116,15 @@ def test_recorded_ops_and_failures_of_a_trajectory_are_used(sandbox, variants):
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
-    from agents.transcript import from_trajectory
 
     processor = load_processor("tiny:qwen2_5_vl")
     with RolloutEngine(ScriptedBackend(processor), sandbox=sandbox, env_kwargs=dict(max_turns=3, max_pixels=128 * 128),
                        sampling=dict(max_new_tokens=4096), max_total_tokens=8192) as engine:
         (trajectory,) = engine.rollout([variants[1]], n=1)
     assert trajectory.num_failed_calls == 0 and trajectory.turn_ops[-1] == []
-    plain = from_trajectory(trajectory, processor)
+    plain = Transcript.of(trajectory)
     assert plain.ground_truth == ""  # no task given: nothing to compare with
-    rich = from_trajectory(trajectory, processor, task=variants[1])
+    rich = Transcript.of(trajectory, task=variants[1])
     assert rich.used_ops == sorted(trajectory.used_ops) and rich.used_ops
     assert rich.turns[0].ops == trajectory.turn_ops[0] and set(rich.turns[0].ops) == set(trajectory.used_ops)
     assert rich.ground_truth == variants[1].answer and rich.variant == "rotate_90"

@@ -15,7 +15,9 @@ from PIL import Image
 
 import cv_env  # noqa: F401
 from agents.scripted import OracleAgent, ScriptAgent, tool_call_turn
-from agents.transcript import play_transcript, write_transcripts
+from agents.jsonl import write_jsonl
+from agents.rollout import play
+from agents.transcript import Transcript
 from agents.viewer import load_episodes, main, render_html, thumbnail_data_uri, write_html
 from cv_env.sandbox import Sandbox
 from cv_env.tasks import load_tasks
@@ -29,13 +31,14 @@ def episodes():
     """Real episodes: the oracle on two tasks, and a failing, hostile-text episode."""
     tasks = load_tasks("orientation_ocr,tiny_ocr", split="test")
     with Sandbox(workers=2) as sandbox:
-        env = gym.make("CodeVision-v0", tasks=[tasks[0]], sandbox=sandbox, max_turns=4, disable_env_checker=True)
-        good = [play_transcript(env, OracleAgent(), tasks[i], seed=i, agent_name="oracle") for i in range(2)]
-        bad = play_transcript(env, ScriptAgent([
+        tasks = [tasks[0], tasks[1]]
+        good = play(lambda index: OracleAgent(), tasks, sandbox, max_turns=4)
+        (bad,) = play(lambda index: ScriptAgent([
             tool_call_turn("result = undefined_name", thought=f"thinking {HOSTILE}"),
             "no tags at all " + HOSTILE,
-        ]), tasks[1], seed=0, agent_name="script")
-    return good + [bad]
+        ]), tasks[1:2], sandbox, max_turns=4)
+    return ([Transcript.of(t, task, "oracle") for t, task in zip(good, tasks[:2])]
+            + [Transcript.of(bad, tasks[1], "script")])
 
 
 def _data_uris(page):
@@ -73,7 +76,7 @@ def test_thumbnails_are_downscaled_pngs():
 
 
 def test_cli_renders_a_transcript_file(episodes, tmp_path, capsys):
-    path = write_transcripts(episodes, tmp_path / "t.jsonl")
+    path = write_jsonl(episodes, tmp_path / "t.jsonl")
     assert [e.task_id for e in load_episodes(path)] == [e.task_id for e in episodes]
     assert main([str(path), "-o", str(tmp_path / "page.html"), "--failures"]) == 0
     page = (tmp_path / "page.html").read_text()
@@ -81,20 +84,19 @@ def test_cli_renders_a_transcript_file(episodes, tmp_path, capsys):
     assert "wrote 1 episode(s)" in capsys.readouterr().out
 
 
-def test_cli_explains_what_a_trajectory_file_needs(tmp_path, capsys):
+def test_cli_explains_what_a_file_lacks(tmp_path, capsys):
     (tmp_path / "traj.jsonl").write_text('{"token_ids": [1, 2]}\n')
     assert main([str(tmp_path / "traj.jsonl")]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "missing field" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_trajectory_files_are_decoded_with_the_tokenizer(tmp_path):
-    """Trajectory JSONL (tokens) decoded with the model's tokenizer: the oracle via the rollout engine."""
+def test_trajectory_files_render_without_a_tokenizer(tmp_path):
+    """Trajectory JSONL of a token rollout (the oracle via ScriptedBackend): its turns are records, not tokens to decode."""
     from agents.generation import ScriptedBackend
     from agents.loading import load_processor
     from agents.rollout import RolloutEngine
-    from agents.trajectory import write_jsonl
 
     tasks = load_tasks("orientation_ocr", split="test")
     processor = load_processor("tiny:qwen2_5_vl")
@@ -104,8 +106,7 @@ def test_trajectory_files_are_decoded_with_the_tokenizer(tmp_path):
                                                      max_total_tokens=8192) as engine:
         trajectories = engine.rollout([tasks[0], tasks[1]], n=1)
     write_jsonl(trajectories, tmp_path / "traj.jsonl")
-    # (`--model tiny:qwen2_5_vl` on the command line loads this same processor.)
-    page = render_html(load_episodes(tmp_path / "traj.jsonl", processor))
+    page = render_html(load_episodes(tmp_path / "traj.jsonl"))
     assert page.count('<section class="episode ok"') == 2
     assert "Image 1 created" in page and len(_data_uris(page)) == 4  # 2 inputs + 2 tool outputs
 

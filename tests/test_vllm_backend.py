@@ -21,7 +21,7 @@ from agents.vllm_backend import (MULTIPROCESSING, VLLMBackend, engine_kwargs, en
 from agents.vllm_worker import EXTENSION, WeightLoader, pack_chunk, unpack_chunk
 from algos.config import GRPOConfig, load_config
 from algos.ppo_config import PPOConfig
-from algos.rollouts import vllm_options
+from algos.engines import vllm_options
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8"}
