@@ -34,7 +34,8 @@ from PIL import Image
 import cv_env  # noqa: F401  (registers CodeVision-v0)
 from agents.openai_backend import (EndpointDown, EndpointError, OpenAIBackend, ServedTurn, tool_reply_messages,
                                    user_message)
-from agents.transcript import Transcript, TurnRecord, _turn_fields
+from agents.trajectory import Trajectory, Turn
+from agents.transcript import Transcript
 from cv_env.judge import make_judge
 from cv_env.protocol import TOOL_SCHEMA, get_prompt
 from cv_env.sandbox import Sandbox
@@ -137,7 +138,7 @@ def play_served(env: gym.Env, agent: ServedAgent, task: Task, seed: int | None =
     question, inputs = str(observation["text"]), _images(observation)
     messages = [{"role": "system", "content": [{"type": "text", "text": agent.system_prompt}]},
                 _message("user", question, inputs)]
-    turns: list[TurnRecord] = []
+    turns: list[Turn] = []
     info: dict[str, Any] = {}
     error, truncation, tool_calls, unanswered = "", "", 0, False
     while True:
@@ -151,32 +152,29 @@ def play_served(env: gym.Env, agent: ServedAgent, task: Task, seed: int | None =
             observation, reward, terminated, truncated, info = env.step(action)
         except Exception as exc:  # noqa: BLE001 - an env bug ends this episode, not the run
             error, truncation = f"the env's step raised {type(exc).__name__}: {exc}"[:2000], "error"
-            turns.append(TurnRecord(reward=0.0, **_turn_fields(action)))
+            turns.append(Turn(action=action, reward=0.0))
             break
-        record = TurnRecord(reward=float(reward), **_turn_fields(action))
+        done = terminated or truncated
+        turn = Turn(action=action, reward=float(reward))
         if "tool_ok" in info:
             tool_calls += 1
-            record.tool_ok = bool(info["tool_ok"])
-            record.ops = list(info.get("ops", [])) if record.tool_ok else []
-            record.tool_text, record.tool_images = str(observation["text"]), _images(observation)
-            messages.append(_message("tool", record.tool_text, record.tool_images))
-        turns.append(record)
-        if terminated or truncated:
+            tool_ok = bool(info["tool_ok"])
+            turn = Turn(action=action, reward=float(reward), reply_text=str(observation["text"]),
+                        reply_images=tuple(_images(observation)), reply_shown=not done, tool_ok=tool_ok,
+                        ops=tuple(info.get("ops", [])) if tool_ok else ())
+            messages.append(_message("tool", turn.reply_text, turn.reply_images))
+        turns.append(turn)
+        if done:
             truncation = "max_turns" if truncated else ""
             break
-    robustness = task.extra.get("robustness") or {}
-    transcript = Transcript(
-        task_id=task.id, category=task.category, question=question, ground_truth=task.answer,
-        answer=info.get("answer"), success=bool(info.get("correct", False)),
-        reward=float(sum(t.reward for t in turns)),
-        reward_components={k: float(v) for k, v in info.get("reward_components", {}).items()},
-        input_images=inputs, turns=turns, num_tool_calls=tool_calls,
-        num_failed_calls=sum(t.tool_ok is False for t in turns), used_ops=list(info.get("used_ops", [])),
-        truncated=bool(truncation), truncation=truncation, sample_index=sample_index, agent=agent_name,
-        variant=str(robustness.get("variant", "")), base_id=str(robustness.get("base_id", task.id)),
-        judge=dict(info.get("judge", {})),
-    )
-    return ServedEpisode(transcript, messages, agent.usage, error, unanswered)
+    trajectory = Trajectory(
+        task_id=task.id, group_id=task.id, category=task.category, prompt_text=question,
+        prompt_images=tuple(inputs), turns=tuple(turns), success=bool(info.get("correct", False)),
+        answer=info.get("answer"), reward_components={k: float(v) for k, v in info.get("reward_components", {}).items()},
+        used_ops=tuple(info.get("used_ops", ())), num_tool_calls=tool_calls,
+        num_failed_calls=sum(t.tool_ok is False for t in turns), truncation=truncation, error=error,
+        judge=dict(info.get("judge", {})), sample_index=sample_index)
+    return ServedEpisode(Transcript.of(trajectory, task, agent_name), messages, agent.usage, error, unanswered)
 
 
 def run_served(backend: OpenAIBackend, tasks: Sequence[Task], env_kwargs: dict[str, Any], sandbox: Sandbox,
