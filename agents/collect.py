@@ -32,6 +32,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _tasks_to_collect(tasks: str, split: str, seed: int, num_tasks: int, out: str) -> list:
+    """The first `num_tasks` tasks of the source; raises when there are none or `out` exists
+    (demonstrations are appended to it)."""
+    from cv_env.tasks import load_tasks
+
+    source = load_tasks(tasks, split=split, seed=seed)
+    count = min(num_tasks, len(source))
+    if count < 1:
+        raise ValueError(f"the task source {tasks!r} ({split}) is empty: nothing to collect")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: collect appends demonstrations to it, so give a new path (or delete the old file)")
+    return [source[i] for i in range(count)]
+
+
 def default_out() -> str:
     """A new run folder per collection, as Hydra names its runs: outputs/collect/<date_time>/demos.jsonl."""
     return str(Path("outputs") / "collect" / time.strftime("%Y-%m-%d_%H-%M-%S") / "demos.jsonl")
@@ -56,14 +70,8 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
     from agents.jsonl import write_jsonl
     from cv_env.reward import RewardConfig
     from cv_env.sandbox import Sandbox
-    from cv_env.tasks import load_tasks
-
-    source = load_tasks(tasks, split=split, seed=seed)
-    count = min(num_tasks, len(source))
-    if count < 1:
-        raise ValueError(f"the task source {tasks!r} ({split}) is empty: nothing to collect")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists: write_jsonl appends, so give a new path (or delete the old file)")
+    selected = _tasks_to_collect(tasks, split, seed, num_tasks, out)
+    count = len(selected)
     agent = OracleAgent(tool_rate, seed=seed)
     backend = ScriptedBackend(load_processor(model), agent_factory=lambda: OracleAgent(tool_rate, seed=seed))
     reward = RewardConfig()  # the env's default, which the engine's envs use here
@@ -74,7 +82,7 @@ def collect(model: str, tasks: str, split: str, num_tasks: int, out: str, max_tu
         sampling=dict(max_new_tokens=4096), max_total_tokens=max_total_tokens,
     ) as engine, tqdm(total=count, desc="collect", unit="episode", dynamic_ncols=True, disable=not progress) as bar:
         for first in range(0, count, batch):
-            chunk = [source[i] for i in range(first, min(count, first + batch))]
+            chunk = selected[first: first + batch]
             trajectories = engine.rollout(chunk, n=1, seed=seed + first)
             good = [t for t, task in zip(trajectories, chunk)
                     if keep_all or abs(t.reward - ideal_reward(task, reward, agent.uses_tool(task))["total"]) < 1e-6]
@@ -107,21 +115,15 @@ def collect_served(endpoint: str, model: str, tasks: str, split: str, num_tasks:
     from agents.openai_backend import OpenAIBackend, OpenAIConfig
     from agents.served import run_served
     from cv_env.sandbox import Sandbox
-    from cv_env.tasks import load_tasks
-
-    source = load_tasks(tasks, split=split, seed=seed)
-    count = min(num_tasks, len(source))
-    if count < 1:
-        raise ValueError(f"the task source {tasks!r} ({split}) is empty: nothing to collect")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists: demonstrations are appended, so give a new path (or delete the old file)")
+    selected = _tasks_to_collect(tasks, split, seed, num_tasks, out)
+    count = len(selected)
     backend = OpenAIBackend(OpenAIConfig(url=endpoint, model=model, api_key_env=api_key_env, tool_mode=tool_mode,
                                          temperature=temperature, max_tokens=max_new_tokens,
                                          max_concurrency=max_concurrency))
     start = time.perf_counter()
     with Sandbox(workers=workers) as sandbox, \
             tqdm(total=count, desc="collect", unit="episode", dynamic_ncols=True, disable=not progress) as bar:
-        episodes = run_served(backend, [source[i] for i in range(count)],
+        episodes = run_served(backend, selected,
                               dict(max_turns=max_turns, max_pixels=max_pixels, prompt=prompt), sandbox, seed=seed,
                               on_episode=lambda episode: bar.update(1))
     good = [e for e in episodes if keep_all or good_demo(e.transcript)]
