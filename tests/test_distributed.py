@@ -249,17 +249,23 @@ def _run_fsdp_worker(tmp_path, nproc, extra_env):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     script = tmp_path / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
-    out = tmp_path / "run"
-    out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(REPO), **extra_env)
-    result = subprocess.run(
-        [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(script), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=280,
-    )
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"  # a fresh run folder: nothing of an aborted attempt is reused
+        out.mkdir()
+        result = subprocess.run(
+            [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(script), str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=280,
+        )
+        # torch's gloo threads now and then abort a rank as it exits ("terminate called without an
+        # active exception", SIGABRT): a crash of torch's teardown, not of the code under test. One
+        # more run settles it; it must then pass whole.
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
