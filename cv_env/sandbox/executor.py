@@ -155,15 +155,25 @@ def _write_pixels(pixels, output, offset: int) -> dict:
         raise ResultError("result is too large for the sandbox's output buffer; resize it down")
     if isinstance(pixels, np.ndarray):
         np.frombuffer(output, np.uint8, count=nbytes, offset=offset).reshape(pixels.shape)[...] = pixels
-    else:
-        view = memoryview(output)[offset: offset + nbytes]
-        try:  # an image mapped onto shared memory, which Pillow's paste fills row by row
-            target = Image.frombuffer(layout, (w, h), view, "raw", layout, 0, 1)
-            target.im.paste(pixels.im, (0, 0, w, h))
-            del target
-        finally:
-            view.release()
+    elif not _paste_into(pixels, output, offset, nbytes, layout):  # a Pillow that will not paste RGB into RGBX
+        layout, nbytes = "RGB", w * h * OUTPUT_LAYOUTS["RGB"]
+        output[offset: offset + nbytes] = pixels.tobytes()
     return {"mode": layout, "width": w, "height": h, "offset": offset, "nbytes": nbytes}
+
+
+def _paste_into(image: Image.Image, output, offset: int, nbytes: int, layout: str) -> bool:
+    """Copy `image` into `output[offset:]` through an image mapped onto it (Pillow's paste fills
+    it row by row); False when this Pillow refuses the paste."""
+    view = memoryview(output)[offset: offset + nbytes]
+    target = Image.frombuffer(layout, image.size, view, "raw", layout, 0, 1)
+    try:
+        target.im.paste(image.im, (0, 0, *image.size))
+        return True
+    except ValueError:
+        return False
+    finally:
+        del target  # the mapped image holds the view: it goes first
+        view.release()
 
 
 def format_exception(exc: BaseException, filename: str) -> str:
