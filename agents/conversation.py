@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from agents.image_patches import image_patches
 from agents.templates import (
     TOOL_RESPONSE_FORMATS, TemplateError, TemplateSupport, fill_messages, message_text, probe_conversation,
     probe_template, raw_renderer,
@@ -241,7 +242,7 @@ class ChatRenderer:
         """Tokenize template text with its images (placeholders expanded to the image grids).
 
         Equal to the processor's own call (a test holds them equal for every family), done in
-        pieces: the image processor gives the grids and patches, and the text is tokenized
+        pieces: `agents.image_patches` gives the grids and patches, and the text is tokenized
         piece by piece between special tokens (a special token is a boundary the tokenizer never
         merges across, so the pieces' ids concatenate to the whole's), with each image
         placeholder expanded to its grid's run of ids. The pieces that recur (the system turn,
@@ -252,8 +253,7 @@ class ChatRenderer:
             if self.image_token_id in ids:
                 raise ImageTokenMismatch("rendered text has image placeholders but no image was given")
             return Delta(ids, [], None, [])
-        out = self.processor.image_processor(images=images, return_tensors="pt")
-        grids = out["image_grid_thw"].tolist()
+        pixel_values, grids = image_patches(self.processor.image_processor, images)
         pieces = text.split(self._image_pad)
         if len(pieces) != len(grids) + 1:
             raise ImageTokenMismatch(f"rendered text has {len(pieces) - 1} image placeholders for {len(grids)} images")
@@ -263,7 +263,7 @@ class ChatRenderer:
             if k < len(grids):
                 ids += [self.image_token_id] * (grids[k][0] * grids[k][1] * grids[k][2] // self.merge_size**2)
         check_image_tokens(ids, grids, self.image_token_id, self.merge_size, "rendered text")
-        return Delta(ids, list(images), out["pixel_values"], grids)
+        return Delta(ids, list(images), pixel_values, grids)
 
     def _tokenize(self, text: str) -> list[int]:
         """`tokenizer(text)["input_ids"]`, piece by piece between `<|im_start|>`s, each piece cached."""

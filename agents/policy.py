@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from agents.conversation import ChatRenderer, check_image_tokens
+from agents.image_patches import image_patches
 from agents.loading import load_model, load_processor, suppressed_token_ids
 from agents.logprobs import sequence_logprobs
 
@@ -167,7 +168,7 @@ class Policy:
 
     def pixel_values(self, images: list) -> torch.Tensor:
         """The processor's pixel patches for `images` (what the rollout computed, recomputed)."""
-        return self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return image_patches(self.processor.image_processor, images)[0]
 
     # -- scoring --------------------------------------------------------------------------------
 

@@ -1,21 +1,33 @@
 """Rollout throughput: env steps/s with the oracle, the engine's per-turn overhead, tiny-model sampling.
 
-    python bench/bench_rollout.py [--batch 64] [--rounds 3] [--workers 2] [--family qwen2_5_vl]
+    python bench/bench_rollout.py [--batch 64] [--samples 1] [--rounds 3] [--workers 2] [--family qwen2_5_vl]
+    python bench/bench_rollout.py --against /path/to/other/checkout [--repeats 3]   # side by side
 
 Prints three figures:
-1. env steps/s: `batch` CodeVision envs sharing one sandbox, stepped by the oracle on a thread
-   pool as the engine does (reset excluded; goal >= 200 steps/s on 2 cores);
+1. env steps/s: `batch` CodeVision envs sharing one sandbox, reset and stepped by the oracle on a
+   thread pool as the engine does (excluding resets; and including them, as a rollout must do them
+   too; goal >= 200 steps/s on 2 cores);
 2. the rollout engine with the oracle as its "model" (`ScriptedBackend`: zero model time), so all
    of its time is engine overhead: rendering, tokenizing, image processing, env steps, bookkeeping;
-   reported per turn (one turn = one batched generate call for all live episodes) and per step;
+   reported per turn (one turn = one batched generate call for all live episodes) and per step,
+   and the engine's own share per step: its time per step less the env's (figure 1), counted
+   both ways (the env's steps only, so resets count as the engine's; and the env's steps and
+   resets);
 3. sampling tokens/s of the tiny model through `HFBackend` (log-probs recorded), for regressions.
+
+--samples n plays batch/n tasks n times each, as a GRPO group does. --against runs the engine
+figures (1, 2) in this process's tree and in another checkout's (its packages on PYTHONPATH)
+alternately, `--repeats` times each, and prints the medians side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +45,10 @@ from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 
 
-def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: int) -> tuple[float, float]:
-    """(steps/s excluding resets, steps/s including resets) over `rounds` rounds of `batch` episodes."""
+def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: int,
+                         samples: int = 1) -> tuple[float, float]:
+    """(steps/s excluding resets, steps/s including resets) over `rounds` rounds of `batch` episodes
+    (batch/samples tasks, each played `samples` times)."""
     envs = [gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, max_pixels=max_pixels, disable_env_checker=True)
             for _ in range(batch)]
     pool = ThreadPoolExecutor(max_workers=4)
@@ -42,13 +56,7 @@ def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: in
     steps = 0
     for r in range(rounds):
         t0 = time.perf_counter()
-        agents = []
-        for i, env in enumerate(envs):
-            env.reset(options={"index": r * batch + i})
-            agent = OracleAgent()
-            agent.reset(env.unwrapped.task)
-            agents.append(agent)
-        live = list(zip(envs, agents))
+        live = list(pool.map(lambda i: _reset(envs[i], tasks[(r * batch + i) // samples]), range(batch)))
         while live:
             t1 = time.perf_counter()
             done = list(pool.map(lambda pair: _step(*pair), live))
@@ -62,21 +70,29 @@ def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: in
     return steps / step_time, steps / total_time
 
 
+def _reset(env, task):
+    """Reset `env` to `task` (on the pool, as the engine resets) and pair it with a fresh oracle."""
+    env.reset(options={"task": task})
+    agent = OracleAgent()
+    agent.reset(task)
+    return env, agent
+
+
 def _step(env, agent) -> bool:
     _, _, terminated, truncated, _ = env.step(agent.act())
     return terminated or truncated
 
 
-def engine_overhead(sandbox, processor, tasks, batch: int, rounds: int, max_pixels: int) -> dict:
+def engine_overhead(sandbox, processor, tasks, batch: int, rounds: int, max_pixels: int, samples: int = 1) -> dict:
     engine = RolloutEngine(ScriptedBackend(processor), sandbox=sandbox,
                            env_kwargs=dict(max_turns=4, max_pixels=max_pixels), sampling=dict(max_new_tokens=2048),
                            max_total_tokens=32768)
-    engine.rollout(tasks[:batch], n=1)  # creates the envs once
+    engine.rollout(tasks[-batch:], n=1)  # creates the envs once (tasks the rounds do not play)
     per_turn, per_step, steps_per_s, tokens = [], [], [], 0
     for r in range(rounds):
-        chunk = [tasks[(r * batch + i) % len(tasks)] for i in range(batch)]
+        chunk = [tasks[(r * batch + i * samples) // samples % len(tasks)] for i in range(batch // samples)]
         t0 = time.perf_counter()
-        trajectories = engine.rollout(chunk, n=1, seed=r)
+        trajectories = engine.rollout(chunk, n=samples, seed=r)
         wall = time.perf_counter() - t0
         timings = engine.last_timings
         per_turn.append(timings["overhead_per_turn_s"])
@@ -86,6 +102,57 @@ def engine_overhead(sandbox, processor, tasks, batch: int, rounds: int, max_pixe
     engine.close()
     return {"per_turn_s": statistics.median(per_turn), "per_step_ms": 1000 * statistics.median(per_step),
             "steps_per_s": statistics.median(steps_per_s), "tokens_per_episode": tokens / (rounds * batch)}
+
+
+def engine_figures(args) -> dict:
+    """Figures 1 and 2 in this process's tree: env steps/s, the engine's time per step and its own share."""
+    source = load_tasks("synthetic", split="train")
+    # Each figure plays its own tasks: a task's input is downscaled once per process (cv_env.shown).
+    tasks = [source[i] for i in range(args.batch * (2 * args.rounds + 1))]
+    env_tasks, engine_tasks = tasks[:args.batch * args.rounds], tasks[args.batch * args.rounds:]
+    with Sandbox(workers=args.workers) as sandbox:
+        steps, with_resets = env_steps_per_second(sandbox, env_tasks, args.batch, args.rounds, args.max_pixels,
+                                                  args.samples)
+        processor = Policy.load(f"tiny:{args.family}").processor
+        overhead = engine_overhead(sandbox, processor, engine_tasks, args.batch, args.rounds, args.max_pixels,
+                                   args.samples)
+    # The engine's own share: its time per step less the env's (rendering, tokenizing, image
+    # processing, bookkeeping), with resets counted as the engine's, and as the env's.
+    return {"env_steps_per_s": steps, "env_steps_per_s_with_resets": with_resets, **overhead,
+            "own_ms": overhead["per_step_ms"] - 1000 / steps,
+            "own_ms_resets_as_env": overhead["per_step_ms"] - 1000 / with_resets}
+
+
+def print_engine_figures(figures: dict, batch: int) -> None:
+    print(f"env steps/s (oracle, batch {batch}):         {figures['env_steps_per_s']:8.1f}   "
+          f"(incl. resets: {figures['env_steps_per_s_with_resets']:.1f})")
+    print(f"engine overhead per turn (batch {batch}, no model): {figures['per_turn_s'] * 1000:8.1f} ms"
+          f"   per env step: {figures['per_step_ms']:.2f} ms   engine steps/s: {figures['steps_per_s']:.1f}"
+          f"   tokens/episode: {figures['tokens_per_episode']:.0f}")
+    print(f"engine's own share per env step:                  {figures['own_ms']:8.2f} ms"
+          f"   (resets counted as the env's: {figures['own_ms_resets_as_env']:.2f} ms)")
+
+
+def side_by_side(args) -> None:
+    """Figures 1-2 of this tree and of `args.against`, alternately, `args.repeats` times each."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"this tree": here, "against": os.path.abspath(args.against)}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    passed = ["--batch", str(args.batch), "--samples", str(args.samples), "--rounds", str(args.rounds),
+              "--workers", str(args.workers), "--max-pixels", str(args.max_pixels), "--family", args.family]
+    for _ in range(args.repeats):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": tree}
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", *passed], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    keys = ("env_steps_per_s", "env_steps_per_s_with_resets", "per_turn_s", "per_step_ms", "own_ms",
+            "own_ms_resets_as_env")
+    print(f"medians of {args.repeats} alternating runs; this tree = {here}, against = {trees['against']}")
+    print(f"{'figure':30s} {'this tree':>12s} {'against':>12s} {'ratio':>8s}")
+    for key in keys:
+        a, b = (statistics.median(run[key] for run in runs[name]) for name in trees)
+        print(f"{key:30s} {a:12.3f} {b:12.3f} {a / b if b else float('nan'):8.2f}")
 
 
 def sampling_tokens_per_second(family: str, batch: int, new_tokens: int, repeats: int) -> float:
@@ -121,24 +188,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a busy shared machine)")
+    parser.add_argument("--samples", type=int, default=1, help="episodes per task (a GRPO group's n)")
+    parser.add_argument("--against", default=None, help="another checkout: figures 1-2 side by side with it")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per tree with --against")
+    parser.add_argument("--json", action="store_true", help="print figures 1-2 as one JSON line and stop")
     args = parser.parse_args()
+    if args.batch % args.samples:
+        parser.error(f"--batch {args.batch} is not a multiple of --samples {args.samples}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.against:
+        side_by_side(args)
+        return
+    if args.json:
+        print(json.dumps(engine_figures(args)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"{args.workers} sandbox workers, batch {args.batch}")
-    source = load_tasks("synthetic", split="train")
-    tasks = [source[i] for i in range(args.batch * (args.rounds + 1))]
-    with Sandbox(workers=args.workers) as sandbox:
-        steps, with_resets = env_steps_per_second(sandbox, tasks, args.batch, args.rounds, args.max_pixels)
-        print(f"env steps/s (oracle, batch {args.batch}):         {steps:8.1f}   (incl. resets: {with_resets:.1f})")
-        policy_processor = Policy.load(f"tiny:{args.family}").processor
-        overhead = engine_overhead(sandbox, policy_processor, tasks, args.batch, args.rounds, args.max_pixels)
-        print(f"engine overhead per turn (batch {args.batch}, no model): {overhead['per_turn_s'] * 1000:8.1f} ms"
-              f"   per env step: {overhead['per_step_ms']:.2f} ms   engine steps/s: {overhead['steps_per_s']:.1f}"
-              f"   tokens/episode: {overhead['tokens_per_episode']:.0f}")
-        # The engine's own share: its time per step minus the env's own (figure 1), i.e. rendering,
-        # tokenizing, image processing and bookkeeping (resets count as the engine's).
-        print(f"engine's own share per env step:                  {overhead['per_step_ms'] - 1000 / steps:8.2f} ms")
+          f"{args.workers} sandbox workers, batch {args.batch} ({args.batch // args.samples} tasks x {args.samples})")
+    print_engine_figures(engine_figures(args), args.batch)
     rate = sampling_tokens_per_second(args.family, args.gen_batch, args.new_tokens, repeats=3)
     print(f"tiny {args.family} sampling tokens/s (HFBackend, batch {args.gen_batch}, {args.new_tokens} new): "
           f"{rate:8.1f}")

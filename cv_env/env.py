@@ -39,7 +39,6 @@ truncated, `info["truncation"] == reason`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +53,7 @@ from cv_env.judge import LLMJudge, make_judge
 from cv_env.protocol import TOOL_NAME, EndEpisode, Turn, action_text, assistant_message, get_prompt, parse_action
 from cv_env.reward import EpisodeOutcome, RewardConfig, episode_components, step_components
 from cv_env.sandbox import Sandbox
+from cv_env.shown import shown_copy, shown_task_copy
 from cv_env.spaces import observation_space, sanitize_text, text_space
 from cv_env.task import Task
 from cv_env.tasks import TaskSource, load_tasks
@@ -83,21 +83,6 @@ class _Episode:
     n_failed: int = 0
     paid: float = 0.0  # rewards already paid by earlier steps
     done: bool = False
-
-
-def _shown_copy(image: Image.Image, max_pixels: int) -> Image.Image:
-    """The copy the model sees: RGB, downscaled (aspect kept) to at most `max_pixels`.
-
-    Always a copy: the episode's own images stay private (the sandbox keeps their pixels)."""
-    rgb = image.convert("RGB")
-    w, h = rgb.size
-    if w * h <= max_pixels:
-        return rgb
-    scale = math.sqrt(max_pixels / (w * h))
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    if size[0] * size[1] > max_pixels:  # an extreme aspect: one side was held at 1 pixel
-        size = (1, max_pixels) if size[0] == 1 else (max_pixels, 1)
-    return rgb.resize(size, Image.Resampling.BICUBIC)
 
 
 def _printed(text: str) -> str:
@@ -254,7 +239,7 @@ class CodeVisionEnv(gym.Env):
             )
         images = [_EpisodeImage(img, i, Frame.identity(img.size)) for i, img in enumerate(task.images)]
         self._episode = _Episode(task=task, images=images)
-        shown = [_shown_copy(img, self.max_pixels) for img in task.images]
+        shown = [shown_task_copy(img, self.max_pixels) for img in task.images]
         sizes = "\n".join(
             f"Image {i}: {img.width}x{img.height} pixels"
             + (f" (shown at {s.width}x{s.height})" if s.size != img.size else "")
@@ -372,7 +357,7 @@ class CodeVisionEnv(gym.Env):
             ok = result.ok
             info["tool_elapsed_s"] = result.elapsed_s
             if ok and result.image is not None:
-                new_image, shown = result.image, _shown_copy(result.image, self.max_pixels)
+                new_image, shown = result.image, shown_copy(result.image, self.max_pixels)
                 info["ops"] = [op["name"] for op in self._record_success(result)]
                 (w, h), size = new_image.size, shown.size
                 note = f" (shown at {size[0]}x{size[1]}; coordinates refer to the full size)" if size != (w, h) else ""

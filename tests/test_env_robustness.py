@@ -144,10 +144,10 @@ def test_unprintable_output_and_odd_images_stay_inside_the_observation_space(san
 
 
 def test_extreme_aspect_images_are_shown_within_max_pixels():
-    from cv_env.env import _shown_copy
+    from cv_env.shown import shown_copy
 
     for size, max_pixels in (((200, 1), 64), ((1, 200), 64), ((4096, 4096), 1024), ((3, 1000), 1000), ((1, 1), 1)):
-        shown = _shown_copy(Image.new("L", size), max_pixels)
+        shown = shown_copy(Image.new("L", size), max_pixels)
         assert shown.mode == "RGB" and shown.width * shown.height <= max_pixels and min(shown.size) >= 1
 
 
