@@ -1,26 +1,28 @@
 """Mini-batches of a step's trajectories, group by group, and padded per-token rows.
 
-    for members in group_minibatches(trajectories, prompts_per_update=4, epochs=2, seed=0): ...
+    for members in group_minibatches(groups, prompts_per_update=4, epochs=2, seed=0): ...
     advantages_BT = pad_rows([advantages_T, ...], width)
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from agents.trajectory import TrajectoryGroup
+
 __all__ = ["group_minibatches", "pad_rows"]
 
 
-def group_minibatches(trajectories: Sequence[Any], prompts_per_update: int, epochs: int, seed: int,
+def group_minibatches(groups: Sequence[TrajectoryGroup], prompts_per_update: int, epochs: int, seed: int,
                       keep: Sequence[bool] | None = None) -> Iterator[list[int]]:
-    """The trajectory indices of each mini-batch of an update phase: `epochs` passes over the
-    groups (`group_id`, in order of first appearance), `prompts_per_update` groups a mini-batch.
+    """The trajectory indices (in `flatten_groups(groups)` order) of each mini-batch of an update
+    phase: `epochs` passes over the groups, `prompts_per_update` groups a mini-batch.
 
-    The first pass keeps the rollout order; later ones shuffle the groups with a local generator
+    The first pass keeps the groups' order; later ones shuffle the groups with a local generator
     seeded by (seed, epoch), so the order is reproducible and the global RNG (checkpointed) is
     left alone. keep: leave out the trajectories marked False. A step without trajectories still
     yields one empty mini-batch per epoch, so every data-parallel rank takes the same number of
@@ -28,15 +30,14 @@ def group_minibatches(trajectories: Sequence[Any], prompts_per_update: int, epoc
     """
     if prompts_per_update < 1:
         raise ValueError(f"prompts_per_update must be >= 1, got {prompts_per_update}")
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(trajectories):
-        groups.setdefault(t.group_id, []).append(i)
-    group_lists = list(groups.values())
+    starts = np.cumsum([0] + [len(group) for group in groups])
+    members = [range(starts[g], starts[g + 1]) for g in range(len(groups))]
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(group_lists)) if epoch else range(len(group_lists))
-        ordered = [group_lists[g] for g in order]
+        order = np.random.default_rng([seed, epoch]).permutation(len(members)) if epoch else range(len(members))
+        ordered = [members[g] for g in order]
         for start in range(0, max(1, len(ordered)), prompts_per_update):
-            yield [i for group in ordered[start:start + prompts_per_update] for i in group if keep is None or keep[i]]
+            yield [int(i) for group in ordered[start:start + prompts_per_update] for i in group
+                   if keep is None or keep[i]]
 
 
 def pad_rows(rows: Sequence[Sequence[float] | Tensor], width: int | None = None) -> Tensor:

@@ -5,6 +5,7 @@ a trajectory with the others of its group.
     groups = make_groups(trajectories, cfg.reward_config())       # beta x necessity, once
     trajectories, rewards_G = flatten_groups(groups), torch.tensor(rewards_of(groups))
     keep = loss_keep_mask(groups, mask_truncated=True, dynamic_sampling=False)
+    kept = kept_groups(groups, keep)                               # PPO's update takes only those
     signal = groups_with_signal(groups, advantages_G)
 """
 
@@ -17,7 +18,8 @@ import torch
 from agents.trajectory import Trajectory, TrajectoryGroup, flatten_groups
 from cv_env.reward import RewardConfig, apply_necessity
 
-__all__ = ["make_groups", "flatten_groups", "rewards_of", "group_index", "loss_keep_mask", "groups_with_signal"]
+__all__ = ["make_groups", "flatten_groups", "rewards_of", "group_index", "loss_keep_mask", "kept_groups",
+           "groups_with_signal"]
 
 
 def make_groups(trajectories: Sequence[Trajectory], reward_cfg: RewardConfig) -> list[TrajectoryGroup]:
@@ -61,6 +63,21 @@ def loss_keep_mask(groups: Sequence[TrajectoryGroup], mask_truncated: bool, dyna
         flat = dynamic_sampling and max(rewards) == min(rewards)
         keep += [not (flat or t.error or (mask_truncated and t.truncated)) for t in group.trajectories_G]
     return keep
+
+
+def kept_groups(groups: Sequence[TrajectoryGroup], keep: Sequence[bool]) -> list[TrajectoryGroup]:
+    """`groups` with only their kept trajectories (`keep` in `flatten_groups` order); a group with
+    none kept is left out. Each trajectory keeps its group term."""
+    out, i = [], 0
+    for group in groups:
+        flags = keep[i:i + len(group)]
+        i += len(group)
+        members = [(t, term) for t, term, k in zip(group.trajectories_G, group.group_terms_G, flags) if k]
+        if members:
+            out.append(TrajectoryGroup(tuple(t for t, _ in members), tuple(term for _, term in members)))
+    if i != len(keep):
+        raise ValueError(f"keep has {len(keep)} flags for {i} trajectories: give one per trajectory")
+    return out
 
 
 def groups_with_signal(groups: Sequence[TrajectoryGroup], advantages_G: torch.Tensor) -> list[bool]:

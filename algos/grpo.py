@@ -89,7 +89,7 @@ def grpo_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    trajectories: Sequence[Trajectory],
+    groups: Sequence[TrajectoryGroup],
     advantages_G: torch.Tensor,
     keep: Sequence[bool],
     cfg: GRPOConfig,
@@ -107,9 +107,11 @@ def grpo_update(
     gradients, and every rank runs as many forward/backward passes (`update_step(lockstep=True)`):
     a rank with nothing kept in a mini-batch runs one of its trajectories scaled by 0.
 
-    Returns the actor/* metrics averaged over the optimizer steps and the last step's lr.
+    advantages_G, keep, ref_logprobs and old_logprobs are per trajectory, in `flatten_groups(groups)`
+    order. Returns the actor/* metrics averaged over the optimizer steps and the last step's lr.
     """
     algo = cfg.algo
+    trajectories = flatten_groups(groups)
     kl_in_loss = algo.kl.in_loss and algo.kl.coef > 0
     if kl_in_loss and ref_logprobs is None:
         raise ValueError("algo.kl.coef > 0 with algo.kl.in_loss needs the reference log-probs (ref_logprobs)")
@@ -155,7 +157,7 @@ def grpo_update(
     per_update: list[dict[str, float]] = []
     sharded = is_fsdp2(policy.model)
     prompts_per_update = max(1, algo.mini_batch_size // get_world_size())
-    for members in group_minibatches(trajectories, prompts_per_update, algo.ppo_epochs, seed, keep=keep):
+    for members in group_minibatches(groups, prompts_per_update, algo.ppo_epochs, seed, keep=keep):
         micro_batches = []
         for k in range(0, len(members), algo.micro_batch_size):
             indices = members[k:k + algo.micro_batch_size]
@@ -273,7 +275,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             advantages_G = compute_advantages(rewards_G - a.kl.coef * kl_G, groups, a.advantage_estimator)
 
             # 5. the clipped-surrogate updates
-            actor_metrics = grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, keep, cfg,
+            actor_metrics = grpo_update(policy, optimizer, scheduler, groups, advantages_G, keep, cfg,
                                         ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, seed=step_seed)
             update_s = time.perf_counter() - update_start
 

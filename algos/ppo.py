@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from agents.policy import Policy
-from agents.trajectory import Trajectory
+from agents.trajectory import Trajectory, TrajectoryGroup
 from algos.advantages import gae_advantages, whiten
 from algos.batching import group_minibatches, pad_rows
 from algos.checkpoint import is_complete, load_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ from algos.losses import aggregate, kl_in_reward, kl_penalty, policy_loss, value
 from algos.optim import build_optimizer, build_scheduler
 from algos.ppo_config import PPOConfig
 from algos.engines import check_rollout_backend, load_task_splits, open_engines, validate
-from algos.groups import flatten_groups, loss_keep_mask, make_groups, rewards_of
+from algos.groups import flatten_groups, kept_groups, loss_keep_mask, make_groups, rewards_of
 from algos.metrics import report_episode_errors, sample_table, step_metrics
 from algos.prompt_sampler import PromptSampler
 from algos.run import due, finish, finished, load_policy, load_reference, open_tracker, resume, save, start_run, timed
@@ -128,7 +128,7 @@ def ppo_update(
     critic: Critic,
     optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
     schedulers: tuple[Any, Any],
-    trajectories: Sequence[Trajectory],
+    groups: Sequence[TrajectoryGroup],
     advantages: Sequence[torch.Tensor],
     returns: Sequence[torch.Tensor],
     old_values: Sequence[torch.Tensor],
@@ -140,8 +140,9 @@ def ppo_update(
 ) -> dict[str, float]:
     """`algo.ppo_epochs` passes of mini-batched PPO updates over one step's kept trajectories.
 
-    `trajectories` and the per-token rows (advantages, returns, old values, log-probs: 1-D per
-    trajectory) are the ones that enter the loss. Mini-batches hold `algo.mini_batch_size /
+    `groups` hold the trajectories that enter the loss (`algos.groups.kept_groups`); the per-token
+    rows (advantages, returns, old values, log-probs: 1-D per trajectory) are theirs, in
+    `flatten_groups(groups)` order. Mini-batches hold `algo.mini_batch_size /
     world_size` prompts (their kept trajectories), in micro-batches of `algo.micro_batch_size`.
     Each micro-batch's loss is the policy's (clipped surrogate, KL, entropy bonus) plus
     `critic.vf_coef` x the clipped value loss, from one forward of the policy (and of a separate
@@ -159,6 +160,7 @@ def ppo_update(
         raise ValueError("algo.kl.coef > 0 with algo.kl.in_loss needs the reference log-probs (ref_logprobs)")
     max_len = cfg.rollout.max_total_tokens
     device = policy.device
+    trajectories = flatten_groups(groups)
     def micro_batch(indices: list[int]) -> dict[str, Any]:
         # Only the loss mask now (update_step weighs micro-batches by it); loss_fn collates.
         return {"indices": indices, "loss_mask": pad_rows([trajectories[i].loss_mask for i in indices])}
@@ -216,7 +218,7 @@ def ppo_update(
     critic.train()
     per_update: list[dict[str, float]] = []
     prompts_per_update = max(1, algo.mini_batch_size // get_world_size())
-    for members in group_minibatches(trajectories, prompts_per_update, algo.ppo_epochs, seed):
+    for members in group_minibatches(groups, prompts_per_update, algo.ppo_epochs, seed):
         micro_batches = [micro_batch(members[k:k + algo.micro_batch_size])
                          for k in range(0, len(members), algo.micro_batch_size)]
         if not train_policy:
@@ -332,7 +334,8 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
             adjustments = [term for group in groups for term in group.group_terms_G]
             rewards_G = torch.tensor(rewards_of(groups), dtype=torch.float32)
             keep = loss_keep_mask(groups, a.mask_truncated, False)
-            kept = [tr for tr, k in zip(trajectories, keep) if k]
+            kept_by_group = kept_groups(groups, keep)
+            kept = flatten_groups(kept_by_group)
 
             # 4. values at rollout time (and the policy's own log-probs when another engine sampled:
             #    its numerics differ, and the ratio must start at 1), the reference's log-probs
@@ -360,7 +363,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
 
             # 6. the updates (critic only during its warm-up)
             update_metrics = ppo_update(
-                policy, critic, (actor_optimizer, critic_optimizer), (actor_scheduler, critic_scheduler), kept,
+                policy, critic, (actor_optimizer, critic_optimizer), (actor_scheduler, critic_scheduler), kept_by_group,
                 advantages, returns, old_values, cfg, train_policy=train_policy, ref_logprobs=ref_logprobs,
                 old_logprobs=old_logprobs, seed=step_seed)
             update_s = time.perf_counter() - update_start

@@ -86,7 +86,7 @@ def fit(model: str, tasks: str, temperature: float, lr: float, prompts: int, n: 
             rewards_G = torch.tensor([r for g in groups for r in g.rewards_G], dtype=torch.float32)
             keep = loss_keep_mask(groups, cfg.algo.mask_truncated, dynamic_sampling=False)
             advantages_G = compute_advantages(rewards_G, groups, cfg.algo.advantage_estimator)
-            grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, keep, cfg, seed=round_)
+            grpo_update(policy, optimizer, scheduler, groups, advantages_G, keep, cfg, seed=round_)
             rows.append({**figures(trajectories), "seconds": time.perf_counter() - start})
         unseen_after = figures(engine.rollout(unseen, n=n, seed=7))
     return {"rounds": rows, "unseen_before": unseen_before, "unseen_after": unseen_after}

@@ -19,7 +19,7 @@ from agents.policy import Policy  # noqa: E402
 from tests.trajectories import from_tokens  # noqa: E402
 from algos.config import load_config  # noqa: E402
 from algos.grpo import compute_advantages, grpo_update, run  # noqa: E402
-from algos.groups import groups_with_signal, loss_keep_mask, make_groups  # noqa: E402
+from algos.groups import groups_with_signal, kept_groups, loss_keep_mask, make_groups  # noqa: E402
 from algos.metrics import episode_summary, rollout_metrics, validation_metrics  # noqa: E402
 from algos.losses import aggregate  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
@@ -179,7 +179,7 @@ def test_one_grpo_update_raises_the_probability_of_the_rewarded_answer():
 
     optimizer = build_optimizer(policy.named_parameters(), cfg.algo)
     scheduler = build_scheduler(optimizer, cfg.algo, total_updates=1)
-    metrics = grpo_update(policy, optimizer, scheduler, trajectories, advantages_G, [True] * 8, cfg)
+    metrics = grpo_update(policy, optimizer, scheduler, _groups(trajectories), advantages_G, [True] * 8, cfg)
     assert metrics["data/updates"] == 1 and metrics["actor/grad_norm"] > 0
     # The first mini-batch is on-policy: the ratio starts at 1, nothing is clipped.
     assert metrics["actor/clipfrac"] == 0
@@ -345,14 +345,24 @@ def test_lockstep_runs_every_micro_batch_but_steps_on_the_loss_tokens_only():
 
 
 def test_minibatches_take_whole_groups_and_reshuffle_after_the_first_epoch():
-    trajectories = [_traj(g, 0) for g in ("a", "a", "b", "b", "c", "c")]
-    batches = list(group_minibatches(trajectories, prompts_per_update=2, epochs=2, seed=5,
+    groups = _groups([_traj(g, 0) for g in ("a", "a", "b", "b", "c", "c")])
+    batches = list(group_minibatches(groups, prompts_per_update=2, epochs=2, seed=5,
                                      keep=[True, False, True, True, True, True]))
     assert batches[:2] == [[0, 2, 3], [4, 5]]  # the rollout order first; trajectory 1 left out
     assert len(batches) == 4 and sorted(i for b in batches[2:] for i in b) == [0, 2, 3, 4, 5]
     assert all(set(b) in ({0}, {2, 3}, {4, 5}, {0, 2, 3}, {0, 4, 5}, {2, 3, 4, 5}) for b in batches[2:])
-    assert batches == list(group_minibatches(trajectories, 2, 2, seed=5, keep=[True, False, True, True, True, True]))
+    assert batches == list(group_minibatches(groups, 2, 2, seed=5, keep=[True, False, True, True, True, True]))
     assert list(group_minibatches([], prompts_per_update=2, epochs=2, seed=0)) == [[], []]  # every rank steps alike
+
+
+def test_kept_groups_drop_the_left_out_trajectories_and_the_emptied_groups():
+    groups = _groups([_traj("a", 1, success=True, calls=1), _traj("a", 0), _traj("b", 5), _traj("c", 2),
+                      _traj("c", 3)], beta=0.5)
+    kept = kept_groups(groups, [True, False, False, True, True])
+    assert [[t.group_id for t in g.trajectories_G] for g in kept] == [["a"], ["c", "c"]]
+    assert [g.rewards_G for g in kept] == [groups[0].rewards_G[:1], groups[2].rewards_G]  # terms stay with theirs
+    with pytest.raises(ValueError, match="one per trajectory"):
+        kept_groups(groups, [True] * 4)
 
 
 def test_pad_rows_left_aligns_rows_with_zeros_after():

@@ -23,11 +23,13 @@ from agents.rollout import RolloutEngine  # noqa: E402
 from tests.trajectories import from_tokens  # noqa: E402
 from agents.scripted import OracleAgent, tool_call_turn  # noqa: E402
 from algos.critic import load_critic, score_values  # noqa: E402
+from algos.groups import make_groups  # noqa: E402
 from algos.ppo import critic_checkpoint_path, ppo_update, run, token_advantages  # noqa: E402
 from algos.config import conf_dir  # noqa: E402
 from algos.ppo_config import PPOConfig, load_ppo_config  # noqa: E402
 from algos.tracking import read_metrics  # noqa: E402
 from algos.optim import build_optimizer, build_scheduler  # noqa: E402
+from cv_env.reward import RewardConfig  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 
@@ -175,7 +177,7 @@ def test_critic_warmup_moves_the_value_toward_the_return_and_leaves_the_policy(u
     old_values, _ = score_values(policy, critic, trajectories, 2)
     advantages, returns = token_advantages(trajectories, old_values, cfg.algo.gamma, cfg.algo.lam)
     optimizers, schedulers = _optimizers(cfg, policy, critic)
-    metrics = ppo_update(policy, critic, optimizers, schedulers, trajectories, advantages, returns, old_values, cfg,
+    metrics = ppo_update(policy, critic, optimizers, schedulers, make_groups(trajectories, RewardConfig()), advantages, returns, old_values, cfg,
                          train_policy=False)
     # Two updates; the first sees the fresh head's 0.5 (0 - 1)^2, the second a value a little closer to 1.
     assert metrics["data/updates"] == 2 and 0.3 < metrics["critic/value_loss"] < 0.5
@@ -196,7 +198,7 @@ def test_one_ppo_update_raises_the_rewarded_token_and_fits_the_critic(update_set
     values, logprobs = score_values(policy, critic, trajectories, 4, with_logprobs=True)
     advantages, returns = token_advantages(trajectories, values, cfg.algo.gamma, cfg.algo.lam)
     optimizers, schedulers = _optimizers(cfg, policy, critic)
-    metrics = ppo_update(policy, critic, optimizers, schedulers, trajectories, advantages, returns, values, cfg,
+    metrics = ppo_update(policy, critic, optimizers, schedulers, make_groups(trajectories, RewardConfig()), advantages, returns, values, cfg,
                          old_logprobs=logprobs)
     for name in ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "critic/value_loss",
                  "critic/grad_norm", "lr", "critic/lr"):
