@@ -130,9 +130,9 @@ class TokenState:
             raise ValueError(f"{len(ids)} sampled ids but {len(logprobs)} log-probs: give one log-prob per id")
         if not ids:
             raise ValueError("an assistant turn needs at least one sampled token")
-        self.token_ids.extend(int(i) for i in ids)
+        self.token_ids.extend(map(int, ids))
         self.loss_mask.extend([1] * len(ids))
-        self.sampler_logprobs.extend(float(x) for x in logprobs)
+        self.sampler_logprobs.extend(map(float, logprobs))
         self.turn_ends.append(len(self.token_ids) - 1)
         self.turn_open = True
 
@@ -152,7 +152,7 @@ class TokenState:
 
     def append_context(self, ids: list[int]) -> None:
         """Append tokens the model did not sample (template, env messages): mask 0."""
-        self.token_ids.extend(int(i) for i in ids)
+        self.token_ids.extend(map(int, ids))
         self.loss_mask.extend([0] * len(ids))
         self.sampler_logprobs.extend([0.0] * len(ids))
 
