@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --endpoint: tool schema and calls as `tools`/`tool_calls` (native) or as text")
     parser.add_argument("--temperature", type=float, default=0.0, help="with --endpoint: sampling temperature")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="with --endpoint: the longest turn")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="with --endpoint: episodes in flight at once")
+    parser.add_argument("--max-concurrency", type=int, default=8, help="with --endpoint: requests in flight at once")
     args = parser.parse_args(argv)
     if args.endpoint:
         if not args.model:

@@ -68,7 +68,7 @@ class OpenAIConfig:
     timeout_s: float = 120.0  # deadline of one request, from connecting to the reply's last byte
     retries: int = 3  # extra attempts after a timeout, connection error, HTTP 429 or 5xx
     backoff_s: float = 1.0  # wait before retry k is backoff_s * 2**k, plus up to 50 % jitter (or Retry-After)
-    max_concurrency: int = 8  # episodes (so requests) in flight at once
+    max_concurrency: int = 8  # requests in flight at once (run_served plays batches of 8x this many episodes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):

@@ -10,7 +10,8 @@ of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary
 such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
 through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
 `random`) through the same engine (`agents.scripted.ScriptedAgents`), a served model
-(`openai:<name>`) through its OpenAI-compatible endpoint (`agents.served`).
+(`openai:<name>`) through the same engine too, its OpenAI-compatible endpoint as the chat
+backend (`agents.served`).
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
 
