@@ -3,7 +3,7 @@
     backend = OpenAIBackend(OpenAIConfig(url="http://127.0.0.1:8000/v1", model="my-vlm"))
     transcripts = run_served(backend, tasks, env_kwargs={"max_turns": 12}, sandbox=sandbox)
     transcripts[0]                      # agents.transcript.Transcript: what algos.evaluate reports
-    chat_messages(transcripts[0].trajectory)   # the conversation, for SFT chat records (agents.collect)
+    chat_messages(transcripts[0].trajectory)   # agents.chat_records: the conversation, for SFT (agents.collect)
     transcripts[0].usage                # requests, attempts, unanswered, prompt/completion tokens, latency
     usage_metrics(transcripts)          # the served/* figures of the run
 

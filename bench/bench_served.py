@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,10 +47,22 @@ CALL = {"role": "assistant", "content": "<think>Turn it upright.</think>",
 ANSWER = {"role": "assistant", "content": "<think>Now I can read it.</think>\n<answer>7</answer>"}
 
 
+VARIED = {"on": False}  # --varied: episodes make 0 to 3 tool calls
+
+
+def _calls(body: dict) -> int:
+    """How many tool calls the episode makes: 1, or (--varied) 0 to 3, drawn from its input image."""
+    if not VARIED["on"]:
+        return 1
+    url = next(part["image_url"]["url"] for part in body["messages"][1]["content"] if part["type"] == "image_url")
+    return zlib.crc32(url.encode()) % 4
+
+
 def scripted(body: dict, model_s: float = 0.0) -> dict:
-    """The scripted model: a tool call first, then the answer, each after `model_s` seconds."""
+    """The scripted model: tool calls (one; --varied: 0 to 3), then the answer, each turn after
+    `model_s` seconds."""
     time.sleep(model_s)
-    return CALL if not any(m["role"] == "assistant" for m in body["messages"]) else ANSWER
+    return CALL if sum(m["role"] == "assistant" for m in body["messages"]) < _calls(body) else ANSWER
 
 
 class InProcess(OpenAIBackend):
@@ -114,12 +127,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="sandbox workers")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per setting (the best is shown)")
     parser.add_argument("--real", action="store_true", help="also measure transformers serve with the tiny model")
+    parser.add_argument("--varied", action="store_true",
+                        help="episodes make 0 to 3 tool calls (by their image), so they end at different turns")
     args = parser.parse_args()
+    VARIED["on"] = args.varied
     source = load_tasks("synthetic", split="test", seed=0)
     tasks = [source[i % len(source)] for i in range(args.episodes)]
     env_kwargs = {"max_turns": 4, "max_pixels": 1024 * 28 * 28}
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} episodes={args.episodes} sandbox workers={args.workers}"
-          f" (2 requests + 1 sandbox run per episode)")
+          f" ({'1 to 4 requests and 0 to 3 sandbox runs' if args.varied else '2 requests + 1 sandbox run'} per episode)")
     model_s = {"s": 0.0}
     with Sandbox(workers=args.workers) as sandbox, \
             StubChatServer(lambda mode, body, nth: scripted(body, model_s["s"])) as stub:
