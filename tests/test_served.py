@@ -15,9 +15,9 @@ from PIL import Image
 from agents.openai_backend import (EndpointConfigError, EndpointDown, OpenAIBackend, OpenAIConfig, reply_action,
                                    tool_reply_messages)
 from agents.chat_records import chat_messages
-from agents.transcript import Transcript
 from agents.rollout import EpisodesFailed
 from agents.served import run_served, usage_metrics
+from agents.transcript import Transcript
 from cv_env import Task
 from cv_env.protocol import TOOL_NAME, get_prompt, parse_action
 from cv_env.sandbox import Sandbox
