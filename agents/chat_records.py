@@ -1,6 +1,6 @@
 """Chat records: episodes as conversations that `algos.sft` renders with any student's template.
 
-    write_chat_records([(messages, {"task_id": ..., "reward": ...})], "demos/teacher.jsonl")
+    write_chat_records([(chat_messages(trajectory), {"task_id": ..., "reward": ...})], "demos/teacher.jsonl")
 
 One JSON line per episode: `{"messages": [...], **metadata}`, its images as PNG files beside the
 file (`<stem>_images/`), referenced from the messages' image parts by relative path. This is the
@@ -20,8 +20,29 @@ from typing import Any, Iterable
 from PIL import Image
 
 from agents.jsonl import safe_name
+from agents.trajectory import Trajectory
+from cv_env.protocol import TOOL_NAME
 
-__all__ = ["write_chat_records"]
+__all__ = ["chat_messages", "write_chat_records"]
+
+
+def _message(role: str, text: str, images) -> dict[str, Any]:
+    return {"role": role, "content": [{"type": "image", "image": image} for image in images]
+            + [{"type": "text", "text": text}]}
+
+
+def chat_messages(trajectory: Trajectory, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """The episode's conversation as the env showed it, in chat format (images as PIL): the
+    question with its images, then each turn's text and the env's reply to it (a tool message,
+    as `agents.rollout.observation_message` builds it), preceded by `system_prompt` when given.
+    A turn that ended the episode has no reply."""
+    messages = [] if system_prompt is None else [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    messages.append(_message("user", trajectory.prompt_text, trajectory.prompt_images))
+    for turn in trajectory.turns:
+        messages.append({"role": "assistant", "content": turn.action})
+        if turn.reply_text or turn.reply_images:
+            messages.append({**_message("tool", turn.reply_text, turn.reply_images), "name": TOOL_NAME})
+    return messages
 
 
 def write_chat_records(records: Iterable[tuple[list[dict[str, Any]], dict[str, Any]]], path: str | os.PathLike,

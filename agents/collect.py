@@ -111,7 +111,7 @@ def collect_served(endpoint: str, model: str, tasks: str, split: str, num_tasks:
     as chat records; return counts (kept, skipped, unanswered: episodes the endpoint left unanswered)."""
     from tqdm.auto import tqdm
 
-    from agents.chat_records import write_chat_records
+    from agents.chat_records import chat_messages, write_chat_records
     from agents.openai_backend import OpenAIBackend, OpenAIConfig
     from agents.served import run_served
     from cv_env.sandbox import Sandbox
@@ -126,12 +126,13 @@ def collect_served(endpoint: str, model: str, tasks: str, split: str, num_tasks:
         episodes = run_served(backend, selected,
                               dict(max_turns=max_turns, max_pixels=max_pixels, prompt=prompt), sandbox, seed=seed,
                               on_episode=lambda episode: bar.update(1))
-    good = [e for e in episodes if keep_all or good_demo(e.transcript)]
-    write_chat_records(((e.messages, {"task_id": e.transcript.task_id, "category": e.transcript.category,
-                                      "answer": e.transcript.answer, "reward": e.transcript.reward,
-                                      "success": e.transcript.success, "teacher": backend.name})
+    good = [e for e in episodes if keep_all or good_demo(e)]
+    write_chat_records(((chat_messages(e.trajectory), {"task_id": e.task_id, "category": e.category, "answer": e.answer,
+                                                       "reward": e.reward, "success": e.success,
+                                                       "teacher": backend.name})
                         for e in good), out)
-    return {"kept": len(good), "skipped": len(episodes) - len(good), "unanswered": sum(bool(e.error) for e in episodes),
+    return {"kept": len(good), "skipped": len(episodes) - len(good),
+            "unanswered": int(sum(e.usage.get("unanswered", 0.0) for e in episodes)),
             "seconds": time.perf_counter() - start, "out": out}
 
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --endpoint: tool schema and calls as `tools`/`tool_calls` (native) or as text")
     parser.add_argument("--temperature", type=float, default=0.0, help="with --endpoint: sampling temperature")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="with --endpoint: the longest turn")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="with --endpoint: episodes in flight at once")
+    parser.add_argument("--max-concurrency", type=int, default=8, help="with --endpoint: requests in flight at once")
     args = parser.parse_args(argv)
     if args.endpoint:
         if not args.model:

@@ -11,8 +11,10 @@ trajectory out. What a VLMEvalKit or lmms-eval model wrapper calls from its `gen
         result.transcript        # agents.transcript.Transcript: every turn, its code and the sandbox's replies
 
 Each item is one episode of `CodeVision-v0` (the item's images and question, no ground truth:
-the harness scores the answer itself) played by `agents.served.play_served`: the model's code
-runs in our sandbox, its results come back as observations. `solve` is thread-safe.
+the harness scores the answer itself) played by the episode loop (`agents.rollout.RolloutEngine`,
+the backend as its chat backend): the model's code runs in our sandbox, its results come back as
+observations. An item whose episode failed (the endpoint gave no answer, or the env's step
+raised) is a result with `error` set, not an exception. `solve` is thread-safe.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ import queue
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import gymnasium as gym
 from PIL import Image
 
-import cv_env  # noqa: F401  (registers CodeVision-v0)
-from agents.served import ServedAgent, play_served
+from agents.chat_records import chat_messages
+from agents.rollout import EpisodesFailed, RolloutEngine
 from agents.transcript import Transcript
 from cv_env.protocol import get_prompt
 from cv_env.sandbox import Sandbox
@@ -39,7 +40,8 @@ __all__ = ["CodeVisionSolver", "VQAResult"]
 class VQAResult:
     """One item's outcome: the final answer (None: none given), the episode, and its conversation.
 
-    error: why the episode ended without an answer from the endpoint ("" otherwise).
+    error: what ended the episode early: the endpoint gave no answer, or the env's step raised
+    ("" when nothing did).
     """
 
     answer: str | None
@@ -59,10 +61,10 @@ class CodeVisionSolver:
     def __init__(self, backend, max_turns: int = 12, prompt: str = "full", max_pixels: int = 1024 * 28 * 28,
                  sandbox: Sandbox | None = None, workers: int = 2):
         self.backend, self.max_turns, self.prompt, self.max_pixels = backend, int(max_turns), prompt, int(max_pixels)
-        self._preset = get_prompt(prompt)
+        self._system_prompt = get_prompt(prompt).system
         self._owns_sandbox = sandbox is None
         self.sandbox = Sandbox(workers=workers) if sandbox is None else sandbox
-        self._envs: queue.SimpleQueue = queue.SimpleQueue()  # idle envs, one made per concurrent caller
+        self._engines: queue.SimpleQueue = queue.SimpleQueue()  # idle engines, one made per concurrent caller
 
     def solve(self, images: Sequence[Image.Image | str | os.PathLike], question: str, item_id: str = "item",
               seed: int = 0) -> VQAResult:
@@ -70,21 +72,23 @@ class CodeVisionSolver:
         task = Task(id=str(item_id), images=[_image(im) for im in images], question=str(question), answer="",
                     category="vqa")
         try:
-            env = self._envs.get_nowait()
+            engine = self._engines.get_nowait()
         except queue.Empty:
-            env = gym.make("CodeVision-v0", tasks=[task], sandbox=self.sandbox, max_turns=self.max_turns,
-                           max_pixels=self.max_pixels, prompt=self.prompt, disable_env_checker=True)
+            engine = RolloutEngine(self.backend, sandbox=self.sandbox, env_kwargs=dict(
+                max_turns=self.max_turns, max_pixels=self.max_pixels, prompt=self.prompt))
         try:
-            episode = play_served(env, ServedAgent(self.backend, self._preset.system, self._preset.tools), task,
-                                  seed=seed, agent_name=getattr(self.backend, "name", ""))
+            (trajectory,) = engine.rollout([task], seed=seed)
+        except EpisodesFailed as failed:  # this item's one episode failed: its outcome, not the caller's error
+            (trajectory,) = failed.trajectories
         finally:
-            self._envs.put(env)
-        return VQAResult(episode.transcript.answer, episode.transcript, episode.messages, episode.error)
+            self._engines.put(engine)
+        transcript = Transcript.of(trajectory, task, getattr(self.backend, "name", ""))
+        return VQAResult(transcript.answer, transcript, chat_messages(trajectory, self._system_prompt), trajectory.error)
 
     def close(self) -> None:
-        """Close the solver's envs and its own sandbox (a shared one stays open)."""
-        while not self._envs.empty():
-            self._envs.get_nowait().close()
+        """Close the solver's engines and its own sandbox (a shared one stays open)."""
+        while not self._engines.empty():
+            self._engines.get_nowait().close()
         if self._owns_sandbox:
             self.sandbox.close()
 

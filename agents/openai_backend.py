@@ -2,9 +2,9 @@
 `transformers serve`, a hosted API), for evaluation and demonstrations.
 
     backend = OpenAIBackend(OpenAIConfig(url="http://127.0.0.1:8000/v1", model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    RolloutEngine(backend, sandbox=sandbox).rollout(tasks)   # a chat backend of the episode loop
     messages = backend.system_messages(system_prompt, tools) + [user_message(question, images)]
-    turn = backend.complete(messages)        # a ServedTurn
-    env.step(turn.action)                    # the reply as the env's action text
+    turn = backend.complete(messages)        # one request: a ServedTurn; turn.action is the env's action
 
 Where a local backend (`agents.generation`) passes token ids, this one passes messages: images as
 base64 PNG data URLs (the env's shown copies, already sized by its `max_pixels`), the tool schema
@@ -21,8 +21,9 @@ data, rendered later with the student's own template), not for RL training.
 Requests run with one deadline each, retries with backoff on timeouts, 429 and 5xx
 (`cv_env.chat_client`); HTTP 401/403/404, and a 400 that refuses native tool calls, raise
 `EndpointConfigError` at once, naming the fix;
-any other failure raises `EndpointError` (the episode ends, the run goes on). Each `ServedTurn`
-carries the token usage the server reported and the request's latency.
+any other failure raises `EndpointError`, which `respond` answers for its episode (the episode
+ends unanswered, the run goes on). Each `ServedTurn` carries the token usage the server
+reported and the request's latency; `respond` counts them per episode (`ChatRequest.usage`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from agents.rollout import ChatRequest, Unanswered
 from agents.templates import tool_call_text, tools_block
 from cv_env.chat_client import ChatClient, EndpointError, api_key_from_env, config_from_mapping
 from cv_env.protocol import TOOL_NAME, TOOL_SCHEMA
@@ -63,7 +68,7 @@ class OpenAIConfig:
     timeout_s: float = 120.0  # deadline of one request, from connecting to the reply's last byte
     retries: int = 3  # extra attempts after a timeout, connection error, HTTP 429 or 5xx
     backoff_s: float = 1.0  # wait before retry k is backoff_s * 2**k, plus up to 50 % jitter (or Retry-After)
-    max_concurrency: int = 8  # episodes (so requests) in flight at once
+    max_concurrency: int = 8  # requests in flight at once (run_served plays batches of 8x this many episodes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
@@ -90,8 +95,9 @@ class EndpointConfigError(ValueError):
     """The endpoint refused the run's settings (HTTP 401, 403, 404): no episode can succeed."""
 
 
-class EndpointDown(RuntimeError):
-    """No episode of a run got an answer: the endpoint is down, or refuses every request."""
+class EndpointDown(Unanswered):
+    """No episode of a run got an answer: the endpoint is down, or refuses every request.
+    `trajectories`: the run's episodes, each ended unanswered."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,8 @@ class ServedTurn:
 
 
 class OpenAIBackend:
-    """Asks the served model for one assistant turn per request; thread-safe (one per run)."""
+    """Asks the served model for one assistant turn per request; thread-safe (one may serve many
+    engines at once: each episode's conversation lives in its `ChatRequest.state`)."""
 
     def __init__(self, config: OpenAIConfig | Mapping[str, Any]):
         self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.from_dict(config)
@@ -183,6 +190,92 @@ class OpenAIBackend:
             finish_reason=str(choice.get("finish_reason") or ""), prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")), latency_s=response.latency_s,
             attempts=response.attempts)
+
+    def respond(self, requests: Sequence[ChatRequest], sampling: Any = None, seed: int | None = None,
+                on_finish: Callable[[int, str | EndpointError], None] | None = None) -> list[str | EndpointError]:
+        """The next turn of each episode, as a chat backend of `agents.rollout.RolloutEngine`.
+
+        The requests are sent concurrently, at most `max_concurrency` in flight; each reply is
+        passed to `on_finish(i, reply)` as soon as it arrives. A reply is the turn's action text,
+        or the `EndpointError` of a request that got no usable reply after its retries (the
+        engine ends that episode unanswered). A refusal of the settings (`EndpointConfigError`)
+        raises: the requests not sent yet are not sent.
+
+        Each episode's wire conversation is built from `request.messages` (system prompt with the
+        tools block in prompt mode, the question, the model's own replies as it sent them, the
+        env's tool replies citing the native call) and kept in `request.state`, so each turn
+        sends only its new images encoded. `request.usage` counts the episode's requests,
+        attempts, whether it ended unanswered (0/1), the prompt and completion tokens the server
+        reported, and the answered requests' latency (sum and max, seconds). `sampling` is not
+        used (the config's sampling applies); `seed` (with the episode's key) seeds each request.
+        """
+        stop = threading.Event()  # set by a refusal of the settings
+        replies: list[str | EndpointError] = [""] * len(requests)
+
+        def ask(i: int) -> None:
+            if stop.is_set():
+                return
+            try:
+                replies[i] = self._reply(requests[i], seed)
+            except BaseException:
+                stop.set()
+                raise
+            if on_finish is not None:
+                on_finish(i, replies[i])
+
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.config.max_concurrency)) as pool:
+            asked = [pool.submit(ask, i) for i in range(len(requests))]
+        for future in asked:
+            future.result()  # the first refusal (or bug) stops the rollout
+        return replies
+
+    def _reply(self, request: ChatRequest, seed: int | None) -> str | EndpointError:
+        """One episode's next turn (or the error that kept it from coming), its usage counted."""
+        state, usage = request.state, request.usage
+        if not state:  # the episode's first request
+            state.update(wire=[], seen=0, last=None)
+            usage.update(requests=0.0, attempts=0.0, unanswered=0.0, prompt_tokens=0.0, completion_tokens=0.0,
+                         latency_s=0.0, latency_max_s=0.0)
+        for message in request.messages[state["seen"]:]:
+            state["wire"].extend(self._wire(message, request.tools, state["last"]))
+        state["seen"] = len(request.messages)
+        if seed is not None:  # distinct per episode and turn, the same run to run
+            seed = zlib.crc32(f"{seed}/{request.key}".encode()) & 0x7FFFFFFF
+        usage["requests"] += 1
+        try:
+            turn = self.complete(state["wire"], seed=seed)
+        except EndpointError as error:
+            usage["attempts"] += error.attempts
+            usage["unanswered"] = 1.0
+            return error
+        state["last"] = turn
+        usage["attempts"] += turn.attempts
+        usage["prompt_tokens"] += turn.prompt_tokens
+        usage["completion_tokens"] += turn.completion_tokens
+        usage["latency_s"] += turn.latency_s
+        usage["latency_max_s"] = max(usage["latency_max_s"], turn.latency_s)
+        return turn.action
+
+    def _wire(self, message: dict[str, Any], tools: Sequence[dict], last: ServedTurn | None) -> list[dict[str, Any]]:
+        """The chat-completions form of one message of the engine's conversation. An assistant
+        message is the model's latest reply as it was sent back (`last`)."""
+        role = message["role"]
+        if role == "assistant":
+            if last is None:
+                raise ValueError("an assistant message before the model's first reply: the conversation was not "
+                                 "built by this backend's episode loop")
+            return [last.message]
+        content = message["content"]
+        parts = content if isinstance(content, list) else [{"type": "text", "text": str(content)}]
+        text = "".join(part["text"] for part in parts if part["type"] == "text")
+        images = [part["image"] for part in parts if part["type"] == "image"]
+        if role == "system":
+            return self.system_messages(text, tools)
+        if role == "tool":
+            return tool_reply_messages(text, images, last.call_id if last is not None else None)
+        return [user_message(text, images)]
 
     def _config_advice(self, error: EndpointError) -> str:
         c = self.config

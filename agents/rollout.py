@@ -16,23 +16,31 @@ run through the same loop:
   generation and each other. Sampled ids are appended verbatim; each env reply adds only its
   template delta (`agents.conversation`). An episode also ends when the next reply would not
   fit in `max_total_tokens` (a reply with an image is appended whole or not at all).
-* a chat backend (anything with `respond(requests, sampling, seed) -> [action]`, e.g.
-  `agents.scripted.ScriptedAgents` or an OpenAI-compatible server): each `ChatRequest` holds the
-  conversation as chat messages; the answer is a str turn or a dict action. Its trajectories
-  have no token ids.
+* a chat backend (`agents.scripted.ScriptedAgents`, `agents.openai_backend.OpenAIBackend` for
+  an OpenAI-compatible server): each turn makes one `respond(requests, sampling, seed,
+  on_finish)` call with a `ChatRequest` per live episode (the conversation as chat messages)
+  and steps each episode as soon as `on_finish(i, reply)` reports its reply. A reply is the
+  turn (a str, or a dict action), or an `Exception` instance: the backend could not answer
+  that request (after its own retries), so that episode ends there, unanswered, with no turn
+  made up for the model (truncated "error", the exception in `Trajectory.error`). An exception
+  that `respond` raises (a refusal of the run's settings) stops the rollout. Its trajectories
+  have no token ids; what the backend counted per episode (`ChatRequest.usage`) becomes
+  `Trajectory.usage`.
 
 A rollout survives any one episode: an exception while one episode's turn is stepped or
-rendered ends that episode only, truncated ("error"), with the error in `Trajectory.error`;
-the others go on. Only a systemic failure raises, after the batch: every episode of the
-rollout failed, or the shared sandbox no longer runs code.
+rendered, or a request the backend could not answer, ends that episode only, truncated
+("error"), with the error in `Trajectory.error`; the others go on. Only a systemic failure
+raises, after the batch: every episode of the rollout failed (`EpisodesFailed`; `Unanswered`
+when every one ended without an answer from the backend), or the shared sandbox no longer
+runs code.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -45,7 +53,8 @@ from cv_env.protocol import TOOL_NAME, EndEpisode, action_text, assistant_messag
 from cv_env.sandbox import Sandbox
 from cv_env.task import Task
 
-__all__ = ["RolloutEngine", "ChatRequest", "observation_message", "play"]
+__all__ = ["RolloutEngine", "ChatRequest", "ChatReply", "EpisodesFailed", "Unanswered", "observation_message",
+           "play"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,13 @@ class ChatRequest:
     """One episode's next turn, for a chat backend.
 
     messages: the conversation so far in chat format (system, user, assistant, tool; images as
-    PIL). tools: the function schemas for the chat template. observation: the newest
-    observation as the env returned it. key / task: which episode asks (a model ignores them;
-    scripted agents play the task).
+    PIL), built from the env's observations. tools: the function schemas of the env's prompt
+    preset. observation: the newest observation as the env returned it. key / task: which
+    episode asks (a model ignores them; scripted agents play the task).
+    state: the backend's own notes on this episode (e.g. its wire conversation): empty at the
+    episode's first request, the same dict at every later one; the engine never reads it.
+    usage: figures the backend counts for this episode (requests, tokens, ...): the same dict
+    at every request, kept as the episode's `Trajectory.usage`.
     """
 
     messages: list[dict]
@@ -63,6 +76,29 @@ class ChatRequest:
     observation: dict
     key: str
     task: Task
+    state: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+
+
+# What a chat backend answers to one request: the turn (a str, or a dict action), or the
+# exception that kept it from answering (the episode ends unanswered; the others go on).
+ChatReply = Union[str, dict, Exception]
+
+
+class EpisodesFailed(RuntimeError):
+    """Every episode of a rollout ended by an error, so a run cannot go on.
+
+    trajectories: the rollout's episodes as they ended, each with its error (a caller that
+    played a single item, e.g. `agents.harness`, reports it as that item's outcome).
+    """
+
+    def __init__(self, message: str, trajectories: Sequence[Trajectory] = ()):
+        super().__init__(message)
+        self.trajectories = list(trajectories)
+
+
+class Unanswered(EpisodesFailed):
+    """Every episode of a rollout ended because the chat backend could not answer its request."""
 
 
 def observation_message(observation: dict) -> dict:
@@ -89,10 +125,13 @@ class _Episode:
     messages: list[dict]
     tools: list[dict]
     state: Any = None  # agents.conversation.TokenState, for a token backend
+    backend_state: dict = field(default_factory=dict)  # ChatRequest.state, for a chat backend
+    usage: dict = field(default_factory=dict)  # ChatRequest.usage
     turns: list[dict] = field(default_factory=list)  # Turn fields as the steps found them
     done: bool = False
     truncation: str = ""
     error: str = ""
+    unanswered: bool = False  # the chat backend could not answer its request
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=lambda: {"generate_s": 0.0, "env_s": 0.0, "render_s": 0.0})
 
@@ -101,7 +140,7 @@ class RolloutEngine:
     """Runs episodes of `CodeVision-v0` with a policy, a token backend or a chat backend.
 
     policy_or_backend: an `agents.policy.Policy` (sampled with `HFBackend`), a token backend
-        (`generate` + `update_weights`), or a chat backend (`respond`).
+        (`generate` + `update_weights`), or a chat backend (`respond`, see the module docstring).
     sandbox: the shared `cv_env.sandbox.Sandbox` every env of the engine uses.
     env_kwargs: keyword arguments of the env (max_turns, max_pixels, reward, ...), not `tasks`.
         A `judge` config becomes one `cv_env.judge.LLMJudge` that all the engine's envs share.
@@ -189,6 +228,8 @@ class RolloutEngine:
 
         group_ids: one id per task (default: the task id), shared by its n samples (GRPO groups).
         seed: seeds sampling (the same seed, batch and weights give the same trajectories).
+        Raises `EpisodesFailed` (`Unanswered`) when every episode ended by an error (without an
+        answer from the chat backend), and RuntimeError when the shared sandbox broke.
         """
         tasks = list(tasks)
         if not tasks:
@@ -207,7 +248,12 @@ class RolloutEngine:
         turn = 0
         while live := [ep for ep in episodes if not ep.done]:
             t0 = time.perf_counter()
-            steps = self._act(live, seed * 100_003 + turn)
+            steps: list = []  # the env steps of this turn, on the pool
+            try:
+                self._act(live, seed * 100_003 + turn, steps)
+            except BaseException:
+                wait(steps)  # no env is left stepping when the backend raised (a refused request)
+                raise
             generate_s = time.perf_counter() - t0
             if len(steps) != len(live):
                 raise RuntimeError(f"the backend reported {len(steps)} finished turns for {len(live)} requests: "
@@ -222,23 +268,27 @@ class RolloutEngine:
             totals["turns"] += 1
             totals["env_steps"] += len(live)
             turn += 1
-        self._check_systemic([ep for ep in episodes if ep.error], len(episodes))
         trajectories = [self._trajectory(ep) for ep in episodes]
+        self._check_systemic(episodes, trajectories)
         totals["total_s"] = time.perf_counter() - start
         totals["overhead_per_turn_s"] = (totals["total_s"] - totals["generate_s"]) / max(1, totals["turns"])
         self.last_timings = totals
         return trajectories
 
-    def _act(self, live: list[_Episode], seed: int) -> list:
-        """One turn of every live episode: the policy's actions, each stepped on the pool as soon as it is known."""
+    def _act(self, live: list[_Episode], seed: int, steps: list) -> None:
+        """One turn of every live episode: the policy's actions, each stepped on the pool as soon
+        as it is known (its future appended to `steps`)."""
         if self.chat:
-            requests = [ChatRequest(list(ep.messages), ep.tools, ep.observation, str(ep.index), ep.task)
-                        for ep in live]
-            actions = self.backend.respond(requests, self.sampling, seed=seed)
-            return [self._pool.submit(self._step, ep, action) for ep, action in zip(live, actions)]
-        from agents.generation import GenerationRequest
+            def on_reply(i: int, reply: ChatReply) -> None:
+                # A row's reply is known: step its env (or end it, unanswered) while the others are asked.
+                work = self._unanswered if isinstance(reply, Exception) else self._step
+                steps.append(self._pool.submit(work, live[i], reply))
 
-        steps: list = []
+            self.backend.respond([ChatRequest(list(ep.messages), ep.tools, ep.observation, str(ep.index), ep.task,
+                                              ep.backend_state, ep.usage) for ep in live],
+                                 self.sampling, seed=seed, on_finish=on_reply)
+            return
+        from agents.generation import GenerationRequest
 
         def on_finish(i: int, result) -> None:
             # A row's turn is complete: step its env now, while the batch may still be generating.
@@ -251,7 +301,6 @@ class RolloutEngine:
                                ep.state.image_grid_thw, self.max_total_tokens - len(ep.state),
                                key=f"{ep.index}", task=ep.task) for ep in live],
             self.sampling, seed=seed, on_finish=on_finish)
-        return steps
 
     def _start(self, tasks: list[Task], n: int, group_ids: list[str], seed: int) -> list[_Episode]:
         while len(self._envs) < len(tasks) * n:
@@ -333,10 +382,17 @@ class RolloutEngine:
             turn["reply_shown"] = True
         ep.timings["render_s"] += time.perf_counter() - t1
 
+    def _unanswered(self, ep: _Episode, failure: Exception) -> None:
+        """End an episode whose request the chat backend could not answer: no turn is made up."""
+        ep.unanswered = True
+        self._end_by_error(ep, failure)
+
     def _end(self, ep: _Episode, reason: str) -> None:
-        """End a running episode through the env (`EndEpisode`); its settlement goes to the last turn."""
+        """End a running episode through the env (`EndEpisode`); its settlement goes to the last
+        turn (an episode without a turn has earned nothing to settle)."""
         _, reward, _, _, ep.info = ep.env.step(EndEpisode(reason))
-        ep.turns[-1]["reward"] += float(reward)
+        if ep.turns:
+            ep.turns[-1]["reward"] += float(reward)
         self._finish(ep, reason)
 
     def _end_by_error(self, ep: _Episode, exc: Exception) -> None:
@@ -354,14 +410,20 @@ class RolloutEngine:
             if len(ep.state) + len(self.renderer.closing_for(ep.state)) <= self.max_total_tokens:
                 self.renderer.close_turn(ep.state)  # the sequence then ends as a full render does
 
-    def _check_systemic(self, failed: list[_Episode], total: int) -> None:
-        """Raise when the failures of a rollout are not one episode's: all of them failed, or the
-        shared sandbox no longer runs code (closed, or its processes gone)."""
+    def _check_systemic(self, episodes: list[_Episode], trajectories: list[Trajectory]) -> None:
+        """Raise when the failures of a rollout are not one episode's: all of them failed (all
+        unanswered: `Unanswered`), or the shared sandbox no longer runs code (closed, or its
+        processes gone)."""
+        failed, total = [ep for ep in episodes if ep.error], len(episodes)
+        if len(failed) == total:
+            if all(ep.unanswered for ep in failed):
+                raise Unanswered(f"every episode of the rollout ({total}) ended without an answer from the backend, "
+                                 f"so the run cannot go on; the first: {failed[0].error}", trajectories)
+            raise EpisodesFailed(f"every episode of the rollout ({total}) ended by an error, so the run cannot go on; "
+                                 f"the first: {failed[0].error}", trajectories)
+        failed = [ep for ep in failed if not ep.unanswered]  # a backend's failure says nothing of the sandbox
         if not failed:
             return
-        if len(failed) == total:
-            raise RuntimeError(f"every episode of the rollout ({total}) ended by an error, so the run cannot go on; "
-                               f"the first: {failed[0].error}")
         try:
             probe = self.sandbox.run("result = image", [Image.new("L", (1, 1))])
             problem = "" if probe.ok else str(probe.error)
@@ -393,7 +455,7 @@ class RolloutEngine:
             image_grid_thw=[list(g) for g in state.image_grid_thw] if state is not None else [],
             pixel_values=state.all_pixel_values() if state is not None else None,
             temperature=self.sampling.logprob_temperature if state is not None else 1.0,
-            timings=dict(ep.timings),
+            timings=dict(ep.timings), usage=dict(ep.usage),
         )
 
 

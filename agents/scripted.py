@@ -5,10 +5,11 @@ inverse ops, the crop at the ground-truth box, the right answer): it is the refe
 evaluations and the source of SFT demonstrations. `RandomAgent` plays a random mix of useful,
 useless, broken and malformed turns: the fuzzer of the environment.
 
-Both work without torch: `agents.scripted` imports only `cv_env`.
+Both work without torch: `agents.scripted` imports only `cv_env`. They play through the episode
+loop (`agents.rollout.play`, or `RolloutEngine(ScriptedAgents(...))`):
 
-    episode = play_episode(env, OracleAgent(), options={"task": task})
-    episode["total"] == ideal_reward(task)["total"]
+    (trajectory,) = play(lambda index: OracleAgent(), [task], sandbox)
+    trajectory.reward == ideal_reward(task)["total"]
 """
 
 from __future__ import annotations
@@ -213,15 +214,19 @@ class ScriptedAgents:
         self.agent_factory = agent_factory
         self._agents: dict[str, Any] = {}
 
-    def respond(self, requests: Sequence[Any], sampling: Any = None, seed: int | None = None) -> list[str]:
-        """Each request's episode agent's next turn (`agents.rollout.ChatRequest`s in, str actions out)."""
+    def respond(self, requests: Sequence[Any], sampling: Any = None, seed: int | None = None,
+                on_finish: Callable[[int, str], None] | None = None) -> list[str]:
+        """Each request's episode agent's next turn (`agents.rollout.ChatRequest`s in, str actions
+        out), each passed to `on_finish(i, action)` as soon as it is known."""
         actions = []
-        for request in requests:
+        for i, request in enumerate(requests):
             agent = self._agents.get(request.key)
             if agent is None:  # the episode's first turn
                 agent = self._agents[request.key] = self.agent_factory(int(request.key))
                 agent.reset(request.task)
             actions.append(agent.act(request.observation))
+            if on_finish is not None:
+                on_finish(i, actions[-1])
         return actions
 
     def reset(self) -> None:
@@ -231,23 +236,3 @@ class ScriptedAgents:
     def update_weights(self, model) -> None:
         """No-op: a scripted agent has no weights."""
 
-
-def play_episode(env, agent, options: dict | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Play one episode of `env` (a CodeVision env, wrapped or not) with a scripted agent.
-
-    Returns `actions`, per-step `rewards`, their `total`, the final `info` (with
-    `reward_components`), the `task` and the env's `messages` (the conversation, images included).
-    """
-    obs, info = env.reset(seed=seed, options=options)
-    task = env.unwrapped.task
-    agent.reset(task)
-    actions, rewards = [], []
-    done = False
-    while not done:
-        action = agent.act(obs)
-        obs, reward, terminated, truncated, info = env.step(action)
-        actions.append(action)
-        rewards.append(float(reward))
-        done = terminated or truncated
-    return {"task": task, "actions": actions, "rewards": rewards, "total": float(sum(rewards)), "info": info,
-            "messages": list(env.unwrapped.messages)}

@@ -66,6 +66,9 @@ class Trajectory:
     Model inputs: image_grid_thw (one grid per image of `images`), pixel_values (the processor's
     patches for them, or None: `Policy.collate` recomputes them from the images), temperature
     (log-probs are of the temperature-scaled distribution; 1.0 for greedy decoding).
+    timings: the engine's seconds spent on the episode (generate_s, env_s, render_s).
+    usage: what a chat backend counted for the episode (a served model: requests, attempts,
+    unanswered, prompt/completion tokens, latency; `agents.served.usage_metrics`); {} otherwise.
     """
 
     task_id: str
@@ -89,6 +92,7 @@ class Trajectory:
     temperature: float = 1.0
     sample_index: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, float] = field(default_factory=dict)
 
     # -- the episode ------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ of `cv_env.tasks.RobustnessWrapper`; a parquet benchmark whose rows already vary
 such as MVToolBench, is its own robustness table instead) through `CodeVision-v0`: a model
 through the rollout engine (greedy, or `samples` sampled runs), the scripted agents (`oracle`,
 `random`) through the same engine (`agents.scripted.ScriptedAgents`), a served model
-(`openai:<name>`) through its OpenAI-compatible endpoint (`agents.served`).
+(`openai:<name>`) through the same engine too, its OpenAI-compatible endpoint as the chat
+backend (`agents.served`).
 The scripted oracle runs on the same tasks as a reference column (`oracle=true`). Outputs in
 `output_dir` (by default a new `outputs/eval/<date_time>/` per evaluation, so none overwrites another):
 
@@ -136,16 +137,17 @@ def _run(policy, tasks: Sequence[Task], cfg: EvalConfig, sandbox: Sandbox, name:
     return out
 
 
-def run_served_model(cfg: EvalConfig, tasks: Sequence[Task], sandbox: Sandbox, name: str) -> list:
+def run_served_model(cfg: EvalConfig, tasks: Sequence[Task], sandbox: Sandbox, name: str) -> list[Transcript]:
     """Play every task with the served model of `cfg` (`model=openai:<name>`, `endpoint`), `cfg.samples`
-    episodes each, `served.max_concurrency` at a time; returns `agents.served.ServedEpisode`s."""
+    episodes each, `served.max_concurrency` requests at a time; returns their transcripts (each
+    with the endpoint's `usage`)."""
     from agents.openai_backend import OpenAIBackend
     from agents.served import run_served
 
     backend = OpenAIBackend(cfg.openai_config())
     with _progress(len(tasks) * cfg.samples, name) as bar:
         return run_served(backend, tasks, cfg.env_kwargs(), sandbox, samples=cfg.samples, seed=cfg.seed, name=name,
-                          on_episode=lambda episode: bar.update(1))
+                          on_episode=lambda transcript: bar.update(1))
 
 
 def load_policy(cfg: EvalConfig):
@@ -228,9 +230,9 @@ def evaluate(cfg: EvalConfig, policy=None) -> dict[str, Any]:
         elif cfg.model.served:
             from agents.served import usage_metrics
 
-            episodes = run_served_model(cfg, tasks, sandbox, main_label)
-            results[main_label] = [e.transcript for e in episodes]
-            served = {"endpoint": cfg.endpoint, "tool_mode": cfg.model.tool_mode, **usage_metrics(episodes)}
+            results[main_label] = run_served_model(cfg, tasks, sandbox, main_label)
+            served = {"endpoint": cfg.endpoint, "tool_mode": cfg.model.tool_mode,
+                      **usage_metrics(results[main_label])}
         else:
             results[main_label] = run_model(policy, tasks, cfg, sandbox, name=main_label)
         if cfg.oracle and main_label != "oracle":

@@ -5,11 +5,11 @@
 The loopback server (tests/openai_stub.py) is a scripted model that takes `--model-ms` per
 request (0: our own cost alone; 250: a served model's turn): each episode is one native tool
 call (rotate the image) and one answer, so two requests and one sandbox run. For each
-concurrency (`max_concurrency`: episodes in flight) it prints episodes/s through the HTTP
-endpoint (`agents.served.run_served` with `OpenAIBackend`) beside the same scripted turns played
-in process (a backend that answers without HTTP, after the same model time), so the ratio is the
-cost of the endpoint round trips; and the speed-up over concurrency 1. Each run includes making
-its envs (`gym.make` is ~0.1 s each), as an evaluation does.
+concurrency (`max_concurrency`: requests in flight) it prints episodes/s through the HTTP
+endpoint (`agents.served.run_served`: `OpenAIBackend` as the chat backend of the rollout engine)
+beside the same scripted turns played in process (the backend with `complete` answering without
+HTTP, after the same model time), so the ratio is the cost of the endpoint round trips; and the
+speed-up over concurrency 1. Each run includes making its envs, as an evaluation does.
 
 --real also serves the tiny random Qwen2.5-VL with `transformers serve` (agents.serve_local) and
 measures episodes/s through it (one CPU process generating: bound by the server, not by us).
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,23 +47,31 @@ CALL = {"role": "assistant", "content": "<think>Turn it upright.</think>",
 ANSWER = {"role": "assistant", "content": "<think>Now I can read it.</think>\n<answer>7</answer>"}
 
 
+VARIED = {"on": False}  # --varied: episodes make 0 to 3 tool calls
+
+
+def _calls(body: dict) -> int:
+    """How many tool calls the episode makes: 1, or (--varied) 0 to 3, drawn from its input image."""
+    if not VARIED["on"]:
+        return 1
+    url = next(part["image_url"]["url"] for part in body["messages"][1]["content"] if part["type"] == "image_url")
+    return zlib.crc32(url.encode()) % 4
+
+
 def scripted(body: dict, model_s: float = 0.0) -> dict:
-    """The scripted model: a tool call first, then the answer, each after `model_s` seconds."""
+    """The scripted model: tool calls (one; --varied: 0 to 3), then the answer, each turn after
+    `model_s` seconds."""
     time.sleep(model_s)
-    return CALL if not any(m["role"] == "assistant" for m in body["messages"]) else ANSWER
+    return CALL if sum(m["role"] == "assistant" for m in body["messages"]) < _calls(body) else ANSWER
 
 
-class InProcess:
-    """The same scripted turns without HTTP: the baseline of the served loop's own cost."""
-
-    name = "in-process"
+class InProcess(OpenAIBackend):
+    """The same scripted turns without HTTP: the baseline of the served loop's own cost (the
+    backend's conversation building and image encoding included: only `complete` is replaced)."""
 
     def __init__(self, concurrency: int, model_s: float = 0.0):
-        self.config = OpenAIConfig(url="http://in-process/v1", model="scripted", max_concurrency=concurrency)
+        super().__init__(OpenAIConfig(url="http://in-process/v1", model="scripted", max_concurrency=concurrency))
         self.model_s = model_s
-
-    def system_messages(self, system_prompt, tools):
-        return [{"role": "system", "content": system_prompt}]
 
     def complete(self, messages, seed=None) -> ServedTurn:
         message = scripted({"messages": messages}, self.model_s)
@@ -99,7 +108,7 @@ def real_server(episodes: int, concurrency: list[int], tasks, sandbox, env_kwarg
                 break
             except OSError:
                 time.sleep(0.5)
-        print(f"\ntransformers serve, tiny random Qwen2.5-VL on CPU (max_tokens 32; one turn per episode):")
+        print("\ntransformers serve, tiny random Qwen2.5-VL on CPU (max_tokens 32; one turn per episode):")
         for c in concurrency:
             backend = OpenAIBackend(OpenAIConfig(url=f"http://127.0.0.1:{port}/v1", model=folder, max_tokens=32,
                                                  max_concurrency=c, timeout_s=300))
@@ -118,12 +127,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="sandbox workers")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per setting (the best is shown)")
     parser.add_argument("--real", action="store_true", help="also measure transformers serve with the tiny model")
+    parser.add_argument("--varied", action="store_true",
+                        help="episodes make 0 to 3 tool calls (by their image), so they end at different turns")
     args = parser.parse_args()
+    VARIED["on"] = args.varied
     source = load_tasks("synthetic", split="test", seed=0)
     tasks = [source[i % len(source)] for i in range(args.episodes)]
     env_kwargs = {"max_turns": 4, "max_pixels": 1024 * 28 * 28}
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} episodes={args.episodes} sandbox workers={args.workers}"
-          f" (2 requests + 1 sandbox run per episode)")
+          f" ({'1 to 4 requests and 0 to 3 sandbox runs' if args.varied else '2 requests + 1 sandbox run'} per episode)")
     model_s = {"s": 0.0}
     with Sandbox(workers=args.workers) as sandbox, \
             StubChatServer(lambda mode, body, nth: scripted(body, model_s["s"])) as stub:
@@ -132,7 +144,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         gym.make("CodeVision-v0", tasks=tasks[:1], sandbox=sandbox, disable_env_checker=True, **env_kwargs).close()
-        print(f"gym.make: {time.perf_counter() - t0:.3f} s per env (a run makes one env per concurrent episode)")
+        print(f"gym.make: {time.perf_counter() - t0:.3f} s per env (a run makes one env per episode of a batch)")
         for ms in args.model_ms:
             model_s["s"] = ms / 1000
             print(f"\nmodel time {ms:g} ms per request")

@@ -74,6 +74,12 @@ class _Handler(BaseHTTPRequestHandler):
                 server.inflight[mode] -= 1
 
 
+class _Server(ThreadingHTTPServer):
+    # A real server's listen backlog (uvicorn: 2048), not socketserver's 5: a burst of concurrent
+    # connections past 5 would have its SYNs dropped and retried a second later.
+    request_queue_size = 1024
+
+
 class StubChatServer:
     """The server (a context manager): starts on a free loopback port, stops on exit."""
 
@@ -84,7 +90,7 @@ class StubChatServer:
         self.lock, self.release = threading.Lock(), threading.Event()
         self.inflight: Counter = Counter()  # requests being answered now, per mode
         self.max_inflight: Counter = Counter()  # the most at once, per mode
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.stub = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

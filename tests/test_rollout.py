@@ -16,7 +16,10 @@ from agents.policy import Policy  # noqa: E402
 from agents.jsonl import read_jsonl, trajectory_to_json, write_jsonl  # noqa: E402
 from agents.rollout import RolloutEngine  # noqa: E402
 from agents.trajectory import Trajectory  # noqa: E402
-from agents.scripted import OracleAgent, ideal_reward, play_episode  # noqa: E402
+from agents.chat_records import chat_messages  # noqa: E402
+from agents.rollout import play  # noqa: E402
+from agents.scripted import OracleAgent, ideal_reward  # noqa: E402
+from cv_env.protocol import get_prompt  # noqa: E402
 from agents.tiny import FAMILIES  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
@@ -201,8 +204,6 @@ def test_trajectories_round_trip_through_jsonl(sandbox, tasks, tmp_path):
 
 
 def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
-    import gymnasium as gym
-
     source = [load_tasks("synthetic", split="validation")[i] for i in range(60)]
     answer_only = [t for t in source if not t.required_ops and not t.extra.get("corruption")]
     tasks = source[:6] + answer_only[:1]
@@ -212,12 +213,13 @@ def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
     trajectories = engine.rollout(tasks, n=2)
     assert engine.last_timings["env_steps"] == sum(t.num_turns for t in trajectories)
     engine.close()
-    env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, **ENV)
-    for trajectory, task in zip(trajectories, [t for t in tasks for _ in range(2)]):
+    # The same episodes played by the oracle as a chat agent: their conversation as the env showed it.
+    played = play(lambda index: OracleAgent(), tasks, sandbox, n=2, **ENV)
+    for trajectory, task, chat in zip(trajectories, [t for t in tasks for _ in range(2)], played):
         assert trajectory.reward == pytest.approx(ideal_reward(task)["total"]) and trajectory.success
         _check_rewards(trajectory)
         # The engine's incremental tokens equal a full render of the same conversation.
-        messages = play_episode(env, OracleAgent(), options={"task": task})["messages"]
+        messages = chat_messages(chat, get_prompt("full").system)
         full = policy.renderer.render_full(messages)
         assert trajectory.token_ids == full.ids
         assert torch.equal(trajectory.pixel_values, full.pixel_values)
@@ -225,8 +227,6 @@ def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
 
 
 def test_compact_prompt_episodes_are_token_exact_and_much_shorter(sandbox):
-    import gymnasium as gym
-
     from cv_env.protocol import TOOL_SCHEMA
 
     tasks = [load_tasks("glyph_orientation", split="validation")[i] for i in range(3)]
@@ -238,14 +238,13 @@ def test_compact_prompt_episodes_are_token_exact_and_much_shorter(sandbox):
                            sampling=dict(max_new_tokens=1024)) as engine:
             trajectories = engine.rollout(tasks)
             renderer = engine.renderer
-        env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, **env_kwargs)
-        for trajectory, task in zip(trajectories, tasks):
+        played = play(lambda index: OracleAgent(), tasks, sandbox, **env_kwargs)
+        for trajectory, task, chat in zip(trajectories, tasks, played):
             assert trajectory.reward == pytest.approx(ideal_reward(task)["total"])
-            messages = play_episode(env, OracleAgent(), options={"task": task})["messages"]
+            messages = chat_messages(chat, get_prompt(prompt).system)
             assert trajectory.token_ids == renderer.render_full(messages).ids
         assert renderer.tools == ([] if prompt == "compact" else [TOOL_SCHEMA])
         lengths[prompt] = [t.prompt_length for t in trajectories]
-        env.close()
     text = processor.tokenizer.decode(trajectories[0].token_ids)
     assert "# Tools" not in text and "<tools>" not in text
     assert all(c < 0.5 * f for c, f in zip(lengths["compact"], lengths["full"])), lengths

@@ -1,11 +1,10 @@
 """Scripted agents through the real env: the oracle earns the ideal reward everywhere; the random
 agent's hostile and malformed turns never break an episode."""
 
-import gymnasium as gym
 import pytest
 
-import cv_env  # noqa: F401
-from agents.scripted import OracleAgent, RandomAgent, answer_turn, ideal_reward, play_episode, tool_call_turn
+from agents.rollout import play
+from agents.scripted import OracleAgent, RandomAgent, answer_turn, ideal_reward, tool_call_turn
 from cv_env.protocol import parse_turn
 from cv_env.reward import RewardConfig
 from cv_env.sandbox import Sandbox
@@ -20,19 +19,17 @@ def sandbox():
 
 @pytest.mark.parametrize("category", list(CATEGORIES))
 def test_oracle_reaches_the_ideal_reward_through_the_env(category, sandbox):
-    tasks = load_tasks(category, split="test")
-    env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox)
-    for index in range(4):
-        episode = play_episode(env, OracleAgent(), options={"index": index})
-        task, components = episode["task"], episode["info"]["reward_components"]
+    tasks = [load_tasks(category, split="test")[index] for index in range(4)]
+    for task, episode in zip(tasks, play(lambda index: OracleAgent(), tasks, sandbox)):
+        components = episode.reward_components
         ideal = ideal_reward(task)
         assert components == pytest.approx(ideal), (task.id, components, ideal)
-        assert episode["total"] == pytest.approx(ideal["total"])
+        assert episode.reward == pytest.approx(ideal["total"])
         assert components["acc"] == 1 and components["fmt"] == 1
         assert components["usage_cost"] == components["spurious"] == components["exec_fail"] == 0
         if task.required_ops:
             assert components["mandatory"] == pytest.approx(1.0) and components["exact"] == pytest.approx(0.1)
-        assert episode["info"]["n_failed"] == 0 and len(episode["actions"]) == len(episode["rewards"])
+        assert episode.num_failed_calls == 0 and episode.num_turns == len(episode.turn_rewards)
 
 
 def test_ideal_reward_by_hand():
@@ -50,14 +47,13 @@ def test_ideal_reward_by_hand():
 
 
 def test_random_agent_never_breaks_an_episode(sandbox):
-    env = gym.make("CodeVision-v0", tasks="synthetic", sandbox=sandbox, max_turns=4, max_pixels=256 * 256)
+    source = load_tasks("synthetic", split="train")
+    tasks = [source[i] for i in range(16)]
     failed_calls = answered = 0
-    for seed in range(16):
-        episode = play_episode(env, RandomAgent(seed=seed), seed=seed)
-        info = episode["info"]
-        assert episode["total"] == pytest.approx(info["reward_components"]["total"])
-        failed_calls += info["n_failed"]
-        answered += info["answer"] is not None
+    for episode in play(lambda index: RandomAgent(seed=index), tasks, sandbox, max_turns=4, max_pixels=256 * 256):
+        assert episode.reward == pytest.approx(episode.reward_components["total"]) and not episode.error
+        failed_calls += episode.num_failed_calls
+        answered += episode.answer is not None
     assert failed_calls > 0 and answered > 0  # it does exercise errors and answers
 
 
@@ -76,18 +72,18 @@ def test_a_teacher_that_skips_the_tool_answers_at_once_and_earns_the_tool_free_r
     a share of the tasks that need a fix it answers without the tool. Which tasks is a pure function
     of the task id and the seed, so demonstrations are reproducible whatever the order of play."""
     tasks = load_tasks("corner_orientation", split="test")
-    env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, max_turns=3)
     teacher = OracleAgent(tool_rate=0.5, seed=3)
     needs_fix = [i for i in range(60) if tasks[i].required_ops]
     skipped = [i for i in needs_fix if not teacher.uses_tool(tasks[i])]
     assert 0.3 < len(skipped) / len(needs_fix) < 0.7  # about half, drawn per task
     assert [OracleAgent(0.5, seed=3).uses_tool(tasks[i]) for i in needs_fix] == [teacher.uses_tool(tasks[i]) for i in needs_fix]
     assert any(OracleAgent(0.5, seed=4).uses_tool(tasks[i]) != teacher.uses_tool(tasks[i]) for i in needs_fix)
-    for index in (skipped[0], next(i for i in needs_fix if i not in skipped)):
-        episode = play_episode(env, OracleAgent(tool_rate=0.5, seed=3), options={"index": index})
-        task, components = episode["task"], episode["info"]["reward_components"]
+    played = [tasks[index] for index in (skipped[0], next(i for i in needs_fix if i not in skipped))]
+    for task, episode in zip(played, play(lambda index: OracleAgent(tool_rate=0.5, seed=3), played, sandbox,
+                                          max_turns=3)):
+        components = episode.reward_components
         uses_tool = teacher.uses_tool(task)
-        assert len(episode["actions"]) == (2 if uses_tool else 1)
+        assert episode.num_turns == (2 if uses_tool else 1)
         assert components == pytest.approx(ideal_reward(task, tools=uses_tool))
         assert components["acc"] == 1  # the answer is right either way; only the fix (mandatory) is missing
     assert ideal_reward(tasks[skipped[0]], tools=False)["total"] == pytest.approx(1.1)  # acc 1 + fmt 0.1

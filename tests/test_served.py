@@ -1,7 +1,7 @@
-"""A served model (agents.openai_backend, agents.served) against a loopback OpenAI-compatible stub:
-tool calls in both forms, reasoning, malformed calls, 429 then success, a server that hangs, is
-down or answers garbage, refused settings (401/404), concurrency; and properties of turning any
-reply into an env action."""
+"""A served model (agents.openai_backend as the rollout engine's chat backend, agents.served) against
+a loopback OpenAI-compatible stub: tool calls in both forms, reasoning, malformed calls, 429 then
+success, a server that hangs, is down or answers garbage, refused settings (401/404), concurrency;
+and properties of turning any reply into an env action."""
 
 import json
 import time
@@ -14,13 +14,14 @@ from PIL import Image
 
 from agents.openai_backend import (EndpointConfigError, EndpointDown, OpenAIBackend, OpenAIConfig, reply_action,
                                    tool_reply_messages)
-from agents.served import ServedAgent, play_served, run_served, usage_metrics
+from agents.chat_records import chat_messages
+from agents.rollout import EpisodesFailed
+from agents.served import run_served, usage_metrics
+from agents.transcript import Transcript
 from cv_env import Task
 from cv_env.protocol import TOOL_NAME, get_prompt, parse_action
 from cv_env.sandbox import Sandbox
 from openai_stub import HANG, Raw, StubChatServer
-
-import gymnasium as gym
 
 ROTATE = "result = image.rotate(90, expand=True)"
 ANSWER = {"role": "assistant", "content": "<think>I see it.</think>\n<answer>7</answer>"}
@@ -94,14 +95,23 @@ def _backend(server, mode, **options):
     return OpenAIBackend(OpenAIConfig(url=server.url(mode), model="stub-vlm", **options))
 
 
+class _Episode:
+    """One served episode as the tests read it: its transcript, conversation, usage and error."""
+
+    def __init__(self, transcript):
+        self.transcript, self.usage, self.error = transcript, transcript.usage, transcript.error
+        self.messages = chat_messages(transcript.trajectory, get_prompt("full").system)
+        self.unanswered = bool(self.usage.get("unanswered"))
+
+
 def _play(server, sandbox, mode, **options):
-    backend = _backend(server, mode, **options)
-    preset = get_prompt("full")
-    env = gym.make("CodeVision-v0", tasks=[_task()], sandbox=sandbox, max_turns=4)
+    """One episode of one task (a run of one episode that failed raises with the episode in it)."""
     try:
-        return play_served(env, ServedAgent(backend, preset.system, preset.tools), _task(), seed=0)
-    finally:
-        env.close()
+        (transcript,) = run_served(_backend(server, mode, **options), [_task()], {"max_turns": 4}, sandbox)
+    except EpisodesFailed as failed:
+        (trajectory,) = failed.trajectories
+        transcript = Transcript.of(trajectory, _task())
+    return _Episode(transcript)
 
 
 def _requests(server, mode):
@@ -177,10 +187,10 @@ def test_an_env_bug_ends_its_episode_not_the_run(server, sandbox, env_bug):
     tasks = [_task(i) for i in range(2)]
     with StubChatServer(buggy) as stub:
         backend = OpenAIBackend(OpenAIConfig(url=stub.url("bug"), model="m"))
-        with pytest.raises(RuntimeError, match="every episode \\(2\\) ended by an error.*KeyError"):
+        with pytest.raises(RuntimeError, match="every episode of the rollout \\(2\\) ended by an error.*KeyError"):
             run_served(backend, tasks, {"max_turns": 2}, sandbox)
         episode = _play(stub, sandbox, "bug")
-    assert "the env's step raised KeyError" in episode.error and not episode.unanswered
+    assert episode.error == "KeyError: 'an env bug'" and not episode.unanswered
     assert episode.transcript.truncation == "error" and episode.transcript.num_turns == 1
 
 
@@ -210,8 +220,8 @@ def test_run_served_plays_concurrently_in_task_order(server, sandbox):
     tasks = [_task(i) for i in range(6)]
     backend = _backend(server, "busy", max_concurrency=3)
     episodes = run_served(backend, tasks, {"max_turns": 2}, sandbox, samples=1)
-    assert [e.transcript.task_id for e in episodes] == [t.id for t in tasks]
-    assert all(e.transcript.success for e in episodes) and 2 <= server.max_inflight["busy"] <= 3
+    assert [e.task_id for e in episodes] == [t.id for t in tasks]
+    assert all(e.success for e in episodes) and 2 <= server.max_inflight["busy"] <= 3
     figures = usage_metrics(episodes)
     assert figures["served/requests"] == 6 and figures["served/episode_errors"] == figures["served/unanswered"] == 0
     assert figures["served/prompt_tokens_per_episode"] == 100 and figures["served/latency_s"] >= 0.2

@@ -6,24 +6,25 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import gymnasium as gym  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import cv_env  # noqa: E402,F401
+from agents.chat_records import chat_messages  # noqa: E402
 from agents.collect import collect  # noqa: E402
 from agents.conversation import ChatRenderer  # noqa: E402
 from agents.loading import load_model, load_processor  # noqa: E402
 from agents.policy import Policy  # noqa: E402
-from agents.scripted import OracleAgent, play_episode  # noqa: E402
+from agents.rollout import play  # noqa: E402
+from agents.scripted import OracleAgent  # noqa: E402
 from algos.sft import export_hf, run, sft_loss, validation_loss  # noqa: E402
 from algos.sft_config import load_sft_config  # noqa: E402
 from algos.sft_data import build_examples, micro_batches, read_records, record_to_example  # noqa: E402
 from algos.optim import build_optimizer, build_scheduler  # noqa: E402
 from algos.update import update_step  # noqa: E402
+from cv_env.protocol import get_prompt  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
 from spans import masked_spans  # noqa: E402
@@ -42,10 +43,8 @@ def episode():
     """A real oracle episode: the input image, a tool call whose reply shows a second image, an answer."""
     task = load_tasks("orientation_ocr", split="train")[0]
     with Sandbox(workers=1) as sandbox:
-        env = gym.make("CodeVision-v0", tasks="synthetic", sandbox=sandbox, max_pixels=50176)
-        played = play_episode(env, OracleAgent(), options={"task": task})
-        env.close()
-    return played
+        (played,) = play(lambda index: OracleAgent(), [task], sandbox, max_pixels=50176)
+    return {"messages": chat_messages(played, get_prompt("full").system)}
 
 
 @pytest.fixture(scope="module")
