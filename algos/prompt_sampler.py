@@ -22,7 +22,7 @@ class PromptSampler:
 
     def __init__(self, num_tasks: int, seed: int = 0):
         if num_tasks < 1:
-            raise ValueError(f"the training task source is empty (0 tasks): check env.tasks and env.split")
+            raise ValueError("the training task source is empty (0 tasks): check env.tasks and env.split")
         self.num_tasks = int(num_tasks)
         self.seed = int(seed)
         self.epoch = 0

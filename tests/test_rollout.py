@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gymnasium as gym  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,10 +17,7 @@ from agents.policy import Policy  # noqa: E402
 from agents.jsonl import read_jsonl, trajectory_to_json, write_jsonl  # noqa: E402
 from agents.rollout import RolloutEngine  # noqa: E402
 from agents.trajectory import Trajectory  # noqa: E402
-from agents.chat_records import chat_messages  # noqa: E402
-from agents.rollout import play  # noqa: E402
 from agents.scripted import OracleAgent, ideal_reward  # noqa: E402
-from cv_env.protocol import get_prompt  # noqa: E402
 from agents.tiny import FAMILIES  # noqa: E402
 from cv_env.sandbox import Sandbox  # noqa: E402
 from cv_env.tasks import load_tasks  # noqa: E402
@@ -174,8 +172,6 @@ def test_token_budget_ends_the_episode_without_cutting_an_image(sandbox, tasks):
 
 
 def _reset_messages(engine, task):
-    import gymnasium as gym
-
     env = gym.make("CodeVision-v0", tasks=[task], sandbox=engine.sandbox, **ENV)
     env.reset(options={"task": task})
     return env.unwrapped.messages
@@ -203,6 +199,19 @@ def test_trajectories_round_trip_through_jsonl(sandbox, tasks, tmp_path):
         read_jsonl(tmp_path / "bad.jsonl")
 
 
+def _env_conversation(env, task) -> list[dict]:
+    """The oracle's episode of `task` stepped on `env` directly, and the conversation as the env
+    itself recorded it: a reference independent of the engine's loop and its chat messages."""
+    agent = OracleAgent()
+    agent.reset(task)
+    env.reset(options={"task": task})
+    done = False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(agent.act())
+        done = terminated or truncated
+    return env.unwrapped.messages
+
+
 def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
     source = [load_tasks("synthetic", split="validation")[i] for i in range(60)]
     answer_only = [t for t in source if not t.required_ops and not t.extra.get("corruption")]
@@ -213,13 +222,12 @@ def test_oracle_through_the_engine_is_token_exact_and_ideal(sandbox):
     trajectories = engine.rollout(tasks, n=2)
     assert engine.last_timings["env_steps"] == sum(t.num_turns for t in trajectories)
     engine.close()
-    # The same episodes played by the oracle as a chat agent: their conversation as the env showed it.
-    played = play(lambda index: OracleAgent(), tasks, sandbox, n=2, **ENV)
-    for trajectory, task, chat in zip(trajectories, [t for t in tasks for _ in range(2)], played):
+    env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, **ENV)
+    for trajectory, task in zip(trajectories, [t for t in tasks for _ in range(2)]):
         assert trajectory.reward == pytest.approx(ideal_reward(task)["total"]) and trajectory.success
         _check_rewards(trajectory)
-        # The engine's incremental tokens equal a full render of the same conversation.
-        messages = chat_messages(chat, get_prompt("full").system)
+        # The engine's incremental tokens equal a full render of the conversation the env itself recorded.
+        messages = _env_conversation(env, task)
         full = policy.renderer.render_full(messages)
         assert trajectory.token_ids == full.ids
         assert torch.equal(trajectory.pixel_values, full.pixel_values)
@@ -238,11 +246,11 @@ def test_compact_prompt_episodes_are_token_exact_and_much_shorter(sandbox):
                            sampling=dict(max_new_tokens=1024)) as engine:
             trajectories = engine.rollout(tasks)
             renderer = engine.renderer
-        played = play(lambda index: OracleAgent(), tasks, sandbox, **env_kwargs)
-        for trajectory, task, chat in zip(trajectories, tasks, played):
+        env = gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, **env_kwargs)
+        for trajectory, task in zip(trajectories, tasks):
             assert trajectory.reward == pytest.approx(ideal_reward(task)["total"])
-            messages = chat_messages(chat, get_prompt(prompt).system)
-            assert trajectory.token_ids == renderer.render_full(messages).ids
+            assert trajectory.token_ids == renderer.render_full(_env_conversation(env, task)).ids
+        env.close()
         assert renderer.tools == ([] if prompt == "compact" else [TOOL_SCHEMA])
         lengths[prompt] = [t.prompt_length for t in trajectories]
     text = processor.tokenizer.decode(trajectories[0].token_ids)
