@@ -7,6 +7,11 @@ per worker) sharing one Sandbox of `workers` workers, next to unguarded single-t
 (no isolation, no op detection, no checks), with ratios. Every sandboxed call goes through both layers and the host's checks (a crop or a
 rotation is verified against the pixels). `--max-calls-per-worker 1` measures a fresh worker
 for every call.
+
+cpu/call is the whole machine's busy CPU time per sandboxed call during the throughput run (host,
+workers and anything else running: measure on a quiet machine), and ceiling is the throughput
+ratio this machine allows at that cost with every core busy: cpus / cpu-per-call / exec calls/s.
+A ratio target above the ceiling needs more cores or less CPU per call, not less waiting.
 """
 
 from __future__ import annotations
@@ -46,7 +51,16 @@ def unguarded(code, image, calls):
     return times, calls / (time.perf_counter() - start)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, every process)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def sandboxed(sandbox, code, image, calls, threads):
+    """(sequential latencies, calls/s with `threads` callers, machine CPU seconds per call in that run)."""
     codes = code if isinstance(code, list) else [code]
     times = []
     for i in range(calls):
@@ -63,12 +77,12 @@ def sandboxed(sandbox, code, image, calls, threads):
                 done[0] += 1
 
     workers = [threading.Thread(target=loop, args=(calls // threads,)) for _ in range(threads)]
-    start = time.perf_counter()
+    start, busy = time.perf_counter(), machine_busy_s()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return times, done[0] / (time.perf_counter() - start)
+    return times, done[0] / (time.perf_counter() - start), (machine_busy_s() - busy) / max(1, done[0])
 
 
 def main() -> None:
@@ -91,7 +105,7 @@ def main() -> None:
                  max_calls_per_worker=args.max_calls_per_worker) as sandbox:
         print("layers:", {k: v for k, v in sandbox.layers.items() if v})
         header = (f"{'snippet':8} {'exec p50':>9} {'p95':>7} {'calls/s':>8} | {'sandbox p50':>11} {'p95':>7} "
-                  f"{'overhead':>8} {'calls/s':>8} {'thr ratio':>9}")
+                  f"{'overhead':>8} {'calls/s':>8} {'thr ratio':>9} | {'cpu/call':>8} {'ceiling':>8}")
         print(header)
         runs = [(name, code) for name, code in SNIPPETS.items()]
         runs.append(("mix", list(SNIPPETS.values())))  # the three snippets in turn: a realistic blend
@@ -99,10 +113,13 @@ def main() -> None:
             threads = callers
             sandboxed(sandbox, code, image, 10, threads)  # warm up
             u_t, u_rate = unguarded(code, image, args.calls)
-            s_t, s_rate = sandboxed(sandbox, code, image, args.calls, threads)
+            s_t, s_rate, cpu = sandboxed(sandbox, code, image, args.calls, threads)
+            # What this machine allows at best: all its cores busy with sandboxed calls at that CPU cost each.
+            ceiling = os.cpu_count() / cpu / u_rate if cpu > 0 else float("nan")
             print(f"{name:8} {percentile(u_t, 50):8.2f}ms {percentile(u_t, 95):6.2f}ms {u_rate:8.1f} | "
                   f"{percentile(s_t, 50):10.2f}ms {percentile(s_t, 95):6.2f}ms "
-                  f"{percentile(s_t, 50) - percentile(u_t, 50):+7.2f}ms {s_rate:8.1f} {s_rate / u_rate:8.2f}x")
+                  f"{percentile(s_t, 50) - percentile(u_t, 50):+7.2f}ms {s_rate:8.1f} {s_rate / u_rate:8.2f}x | "
+                  f"{cpu * 1000:6.2f}ms {ceiling:7.2f}x")
 
 
 if __name__ == "__main__":
