@@ -12,7 +12,7 @@ Prints three figures:
    reported per turn (one turn = one batched generate call for all live episodes) and per step,
    and the engine's own share per step: its time per step less the env's (figure 1), counted
    both ways (the env's steps only, so resets count as the engine's; and the env's steps and
-   resets);
+   resets); and the same in CPU time of the bench process (steadier on a busy machine);
 3. sampling tokens/s of the tiny model through `HFBackend` (log-probs recorded), for regressions.
 
 --samples n plays batch/n tasks n times each, as a GRPO group does. --against runs the engine
@@ -46,16 +46,16 @@ from cv_env.tasks import load_tasks  # noqa: E402
 
 
 def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: int,
-                         samples: int = 1) -> tuple[float, float]:
-    """(steps/s excluding resets, steps/s including resets) over `rounds` rounds of `batch` episodes
-    (batch/samples tasks, each played `samples` times)."""
+                         samples: int = 1) -> tuple[float, float, float]:
+    """(steps/s excluding resets, steps/s including resets, this process's CPU ms per step including
+    resets) over `rounds` rounds of `batch` episodes (batch/samples tasks, each played `samples` times)."""
     envs = [gym.make("CodeVision-v0", tasks=tasks, sandbox=sandbox, max_pixels=max_pixels, disable_env_checker=True)
             for _ in range(batch)]
     pool = ThreadPoolExecutor(max_workers=4)
-    step_time = total_time = 0.0
+    step_time = total_time = cpu_time = 0.0
     steps = 0
     for r in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         live = list(pool.map(lambda i: _reset(envs[i], tasks[(r * batch + i) // samples]), range(batch)))
         while live:
             t1 = time.perf_counter()
@@ -64,10 +64,11 @@ def env_steps_per_second(sandbox, tasks, batch: int, rounds: int, max_pixels: in
             steps += len(live)
             live = [pair for pair, finished in zip(live, done) if not finished]
         total_time += time.perf_counter() - t0
+        cpu_time += time.process_time() - c0
     pool.shutdown()
     for env in envs:
         env.close()
-    return steps / step_time, steps / total_time
+    return steps / step_time, steps / total_time, 1000 * cpu_time / steps
 
 
 def _reset(env, task):
@@ -88,20 +89,22 @@ def engine_overhead(sandbox, processor, tasks, batch: int, rounds: int, max_pixe
                            env_kwargs=dict(max_turns=4, max_pixels=max_pixels), sampling=dict(max_new_tokens=2048),
                            max_total_tokens=32768)
     engine.rollout(tasks[-batch:], n=1)  # creates the envs once (tasks the rounds do not play)
-    per_turn, per_step, steps_per_s, tokens = [], [], [], 0
+    per_turn, per_step, steps_per_s, cpu_per_step, tokens = [], [], [], [], 0
     for r in range(rounds):
         chunk = [tasks[(r * batch + i * samples) // samples % len(tasks)] for i in range(batch // samples)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trajectories = engine.rollout(chunk, n=samples, seed=r)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         timings = engine.last_timings
         per_turn.append(timings["overhead_per_turn_s"])
         per_step.append((wall - timings["generate_s"]) / timings["env_steps"])
         steps_per_s.append(timings["env_steps"] / wall)
+        cpu_per_step.append(1000 * cpu / timings["env_steps"])
         tokens += sum(len(t) for t in trajectories)
     engine.close()
     return {"per_turn_s": statistics.median(per_turn), "per_step_ms": 1000 * statistics.median(per_step),
-            "steps_per_s": statistics.median(steps_per_s), "tokens_per_episode": tokens / (rounds * batch)}
+            "steps_per_s": statistics.median(steps_per_s), "cpu_ms_per_step": statistics.median(cpu_per_step),
+            "tokens_per_episode": tokens / (rounds * batch)}
 
 
 def engine_figures(args) -> dict:
@@ -111,16 +114,20 @@ def engine_figures(args) -> dict:
     tasks = [source[i] for i in range(args.batch * (2 * args.rounds + 1))]
     env_tasks, engine_tasks = tasks[:args.batch * args.rounds], tasks[args.batch * args.rounds:]
     with Sandbox(workers=args.workers) as sandbox:
-        steps, with_resets = env_steps_per_second(sandbox, env_tasks, args.batch, args.rounds, args.max_pixels,
-                                                  args.samples)
+        steps, with_resets, env_cpu = env_steps_per_second(sandbox, env_tasks, args.batch, args.rounds,
+                                                           args.max_pixels, args.samples)
         processor = Policy.load(f"tiny:{args.family}").processor
         overhead = engine_overhead(sandbox, processor, engine_tasks, args.batch, args.rounds, args.max_pixels,
                                    args.samples)
     # The engine's own share: its time per step less the env's (rendering, tokenizing, image
     # processing, bookkeeping), with resets counted as the engine's, and as the env's.
+    # And in CPU time of this process (sandbox workers excluded, the same in both), which a busy
+    # machine disturbs far less than wall time: the engine's CPU per step less the env's, resets
+    # included (the scripted "model"'s own tokenizing counts as the engine's here).
     return {"env_steps_per_s": steps, "env_steps_per_s_with_resets": with_resets, **overhead,
             "own_ms": overhead["per_step_ms"] - 1000 / steps,
-            "own_ms_resets_as_env": overhead["per_step_ms"] - 1000 / with_resets}
+            "own_ms_resets_as_env": overhead["per_step_ms"] - 1000 / with_resets,
+            "env_cpu_ms_per_step": env_cpu, "own_cpu_ms": overhead["cpu_ms_per_step"] - env_cpu}
 
 
 def print_engine_figures(figures: dict, batch: int) -> None:
@@ -131,6 +138,8 @@ def print_engine_figures(figures: dict, batch: int) -> None:
           f"   tokens/episode: {figures['tokens_per_episode']:.0f}")
     print(f"engine's own share per env step:                  {figures['own_ms']:8.2f} ms"
           f"   (resets counted as the env's: {figures['own_ms_resets_as_env']:.2f} ms)")
+    print(f"CPU of this process per env step: env {figures['env_cpu_ms_per_step']:.2f} ms, engine "
+          f"{figures['cpu_ms_per_step']:.2f} ms, the engine's own {figures['own_cpu_ms']:.2f} ms")
 
 
 def side_by_side(args) -> None:
@@ -140,6 +149,7 @@ def side_by_side(args) -> None:
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     passed = ["--batch", str(args.batch), "--samples", str(args.samples), "--rounds", str(args.rounds),
               "--workers", str(args.workers), "--max-pixels", str(args.max_pixels), "--family", args.family]
+    passed += ["--threads", str(args.threads)] if args.threads else []
     for _ in range(args.repeats):
         for name, tree in trees.items():
             env = {**os.environ, "PYTHONPATH": tree}
@@ -147,12 +157,14 @@ def side_by_side(args) -> None:
                                  capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     keys = ("env_steps_per_s", "env_steps_per_s_with_resets", "per_turn_s", "per_step_ms", "own_ms",
-            "own_ms_resets_as_env")
+            "own_ms_resets_as_env", "env_cpu_ms_per_step", "cpu_ms_per_step", "own_cpu_ms")
     print(f"medians of {args.repeats} alternating runs; this tree = {here}, against = {trees['against']}")
-    print(f"{'figure':30s} {'this tree':>12s} {'against':>12s} {'ratio':>8s}")
+    print(f"{'figure':30s} {'this tree':>12s} {'against':>12s} {'ratio':>8s}   range (this tree | against)")
     for key in keys:
         a, b = (statistics.median(run[key] for run in runs[name]) for name in trees)
-        print(f"{key:30s} {a:12.3f} {b:12.3f} {a / b if b else float('nan'):8.2f}")
+        spread = " | ".join(f"{min(run[key] for run in runs[name]):.2f}-{max(run[key] for run in runs[name]):.2f}"
+                            for name in trees)
+        print(f"{key:30s} {a:12.3f} {b:12.3f} {a / b if b else float('nan'):8.2f}   {spread}")
 
 
 def sampling_tokens_per_second(family: str, batch: int, new_tokens: int, repeats: int) -> float:
